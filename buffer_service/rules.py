@@ -1,0 +1,326 @@
+"""Admission, decay, eviction and sampling rules of the replay buffer (ALGORITHM.md section 4).
+
+Pure Python: no Redis, Ray or torch. The Redis store and the Ray actor reuse these functions so
+that every backend makes the same decisions; `priority_order_key` is the score a Redis sorted set
+will hold.
+
+Vocabulary (ALGORITHM.md 4):
+- reward: the stored trajectory's reward; priority: the reward decayed by the entry's age.
+- age: training steps since insertion, ``step - insert_step``.
+- gamma: decay factor in (0, 1]; ``max_age``: entries older than this are neither replayed nor kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+def _check_gamma(gamma: float, name: str = "gamma") -> None:
+    if not (0.0 < gamma <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {gamma!r}; use 1.0 to disable decay")
+
+
+def decayed_priority(reward: float, age: int, gamma: float) -> float:
+    """Priority of an entry of reward ``reward`` that is ``age`` training steps old.
+
+    ``reward * gamma**age`` for reward >= 0 and ``reward / gamma**age`` for reward < 0, so that
+    both fall with age and an old entry becomes easier to replace. Very negative rewards at huge
+    ages decay to ``-inf`` instead of raising.
+    """
+    if age < 0:
+        raise ValueError(f"age must be >= 0, got {age}; the step is earlier than the insert step")
+    _check_gamma(gamma)
+    decay = gamma**age  # underflows to 0.0 for huge ages, never overflows since gamma <= 1
+    if reward >= 0:
+        return reward * decay
+    return reward / decay if decay > 0.0 else -math.inf
+
+
+# Why this key works (g = gamma, s = current step, t = insert step, s >= t):
+#   r > 0:  log p = log r + (s - t) log g = s log g + [log r - t log g]
+#           s log g is shared by all entries at step s, so p orders like [log r - t log g].
+#   r < 0:  log|p| = log|r| - (s - t) log g = -s log g + [log|r| + t log g]
+#           a larger |p| is a lower p, so p orders like -[log|r| + t log g].
+#   r = 0:  p = 0 forever; between every negative and every positive priority.
+# The class (0 negative, 1 zero, 2 positive) settles cross-sign comparisons; within a class
+# the key never changes with s, so the order of stored entries is fixed at insertion time and
+# decay costs no work per step. Logs keep the key finite for any step (no g**t overflow); for
+# g = 1, log g = 0 and the key is just the log of the reward's magnitude.
+def priority_order_key(reward: float, insert_step: int, gamma: float) -> tuple[int, float]:
+    """Time-invariant sort key: ordering keys orders entries by their current priority.
+
+    For any step ``s`` >= every compared ``insert_step``, ``key_a < key_b`` iff
+    ``decayed_priority(r_a, s - t_a, gamma) < decayed_priority(r_b, s - t_b, gamma)``
+    (up to float rounding of the logs). Returns ``(sign class, log-space key)``.
+    """
+    _check_gamma(gamma)
+    if not math.isfinite(reward):
+        raise ValueError(f"reward must be finite, got {reward!r}")
+    log_gamma = math.log(gamma)
+    if reward > 0:
+        return (2, math.log(reward) - insert_step * log_gamma)
+    if reward < 0:
+        return (0, -(math.log(-reward) + insert_step * log_gamma))
+    return (1, 0.0)
+
+
+@dataclass(frozen=True)
+class BufferEntry:
+    """One stored trajectory: the best of its group for ``prompt_key`` when it was admitted.
+
+    ``payload`` is the trajectory (latents, per-step logp_mu, ...) or a reference to it; the
+    rules never look inside. It is left out of ``==`` and ``repr`` because tensors compare
+    elementwise and print at length.
+    """
+
+    prompt_key: str
+    reward: float
+    insert_step: int
+    weight_version: int
+    payload: object = field(default=None, compare=False, repr=False)
+
+
+class AdmissionOutcome(str, Enum):
+    """What ``ReplayBufferRules.admit`` did with a candidate, one value per reason."""
+
+    INSERTED = "inserted"  # new prompt, buffer had room
+    REPLACED_SAME_PROMPT = "replaced_same_prompt"  # beat the stored entry of its own prompt
+    REPLACED_LOWEST = "replaced_lowest"  # buffer full, beat the lowest-priority entry
+    REJECTED_LOW_ADVANTAGE = "rejected_low_advantage"  # advantage <= admit_min_advantage
+    REJECTED_NOT_BETTER = "rejected_not_better"  # did not beat its own prompt's stored entry
+    REJECTED_FULL = "rejected_full"  # buffer full, did not beat the lowest-priority entry
+
+    @property
+    def admitted(self) -> bool:
+        """True when the candidate is now stored."""
+        return self in _ADMITTED
+
+
+_ADMITTED = frozenset(
+    {
+        AdmissionOutcome.INSERTED,
+        AdmissionOutcome.REPLACED_SAME_PROMPT,
+        AdmissionOutcome.REPLACED_LOWEST,
+    }
+)
+
+# Rebuild the lazy heap once stale items outnumber live ones by this margin, so its size stays
+# O(capacity) and each removal costs O(log capacity) amortised.
+_HEAP_SLACK = 32
+
+
+class ReplayBufferRules:
+    """In-memory replay buffer applying ALGORITHM.md 4; the reference for every store backend.
+
+    State:
+    - ``_entries``: prompt_key -> BufferEntry (at most one entry per prompt).
+    - ``_heap``: min-heap of (order key, seq, prompt_key). Removing from the middle of a heap is
+      O(n), so removed or replaced entries are left in place and skipped when they reach the top
+      (lazy invalidation); ``_live_seq`` tells which seq is current for each prompt.
+    - ``_by_insert``: prompt keys from oldest to newest insert step. Steps never go backwards,
+      so expired entries form a prefix and ``evict_expired`` only touches those.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        gamma: float = 0.99,
+        max_age: int | None = None,
+        admit_min_advantage: float = 0.0,
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"buffer.capacity must be > 0, got {capacity!r}")
+        _check_gamma(gamma, "buffer.gamma")
+        if max_age is not None and (
+            isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0
+        ):
+            raise ValueError(f"buffer.max_age must be None or an int >= 0, got {max_age!r}")
+        if not isinstance(admit_min_advantage, (int, float)) or not math.isfinite(
+            admit_min_advantage
+        ):
+            raise ValueError(
+                f"buffer.admit_min_advantage must be a finite number, got {admit_min_advantage!r}"
+            )
+        self.capacity = capacity
+        self.gamma = float(gamma)
+        self.max_age = max_age
+        self.admit_min_advantage = float(admit_min_advantage)
+
+        self._entries: dict[str, BufferEntry] = {}
+        self._heap: list[tuple[tuple[int, float], int, str]] = []
+        self._live_seq: dict[str, int] = {}
+        self._next_seq = 0
+        self._by_insert: OrderedDict[str, None] = OrderedDict()
+        self._last_step: int | None = None
+        # evictions counts max_age evictions only; entries pushed out by a better candidate
+        # are counted under replacements.
+        self.stats: dict[str, int] = {
+            "admissions": 0,
+            "replacements": 0,
+            "evictions": 0,
+            "rejections": 0,
+        }
+
+    # ----- queries -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, prompt_key: object) -> bool:
+        return prompt_key in self._entries
+
+    def entries(self) -> list[BufferEntry]:
+        """Stored entries, oldest insert first (a copy; entries themselves are frozen)."""
+        return [self._entries[key] for key in self._by_insert]
+
+    def get(self, prompt_key: str) -> BufferEntry | None:
+        """The stored entry for ``prompt_key``, or None."""
+        return self._entries.get(prompt_key)
+
+    def priority(self, prompt_key: str, step: int) -> float:
+        """Decayed priority of the stored entry for ``prompt_key`` at training step ``step``."""
+        entry = self._entries.get(prompt_key)
+        if entry is None:
+            raise KeyError(f"prompt {prompt_key!r} is not in the replay buffer")
+        return decayed_priority(entry.reward, step - entry.insert_step, self.gamma)
+
+    def lowest_entry(self) -> BufferEntry | None:
+        """The entry with the lowest priority (the same at every step), or None if empty."""
+        heap = self._heap
+        while heap:
+            _, seq, prompt_key = heap[0]
+            if self._live_seq.get(prompt_key) == seq:
+                return self._entries[prompt_key]
+            heapq.heappop(heap)  # stale: its entry was replaced or evicted
+        return None
+
+    # ----- rules ---------------------------------------------------------------------------
+
+    def admit(
+        self,
+        prompt_key: str,
+        reward: float,
+        advantage: float,
+        step: int,
+        weight_version: int,
+        payload: object = None,
+    ) -> AdmissionOutcome:
+        """Offer a group's best trajectory to the buffer at training step ``step``.
+
+        Expired entries are evicted first. Then, per ALGORITHM.md 4: reject unless
+        ``advantage > admit_min_advantage``; if the prompt is stored, replace it iff ``reward``
+        beats its decayed priority; else insert if there is room; else replace the lowest-priority
+        entry iff ``reward`` beats its decayed priority.
+        """
+        if not math.isfinite(reward):
+            raise ValueError(f"reward must be finite, got {reward!r} for prompt {prompt_key!r}")
+        if math.isnan(advantage):
+            raise ValueError(f"advantage must not be NaN (prompt {prompt_key!r})")
+        self._advance_to(step)
+        self._evict_expired(step)
+
+        candidate = BufferEntry(prompt_key, float(reward), step, weight_version, payload)
+        if advantage <= self.admit_min_advantage:
+            return self._reject(AdmissionOutcome.REJECTED_LOW_ADVANTAGE)
+
+        if prompt_key in self._entries:
+            if reward > self.priority(prompt_key, step):
+                self._remove(prompt_key)
+                self._store(candidate)
+                return self._admitted(AdmissionOutcome.REPLACED_SAME_PROMPT)
+            return self._reject(AdmissionOutcome.REJECTED_NOT_BETTER)
+
+        if len(self._entries) < self.capacity:
+            self._store(candidate)
+            return self._admitted(AdmissionOutcome.INSERTED)
+
+        lowest = self.lowest_entry()
+        assert lowest is not None  # the buffer is full and capacity > 0
+        if reward > decayed_priority(lowest.reward, step - lowest.insert_step, self.gamma):
+            self._remove(lowest.prompt_key)
+            self._store(candidate)
+            return self._admitted(AdmissionOutcome.REPLACED_LOWEST)
+        return self._reject(AdmissionOutcome.REJECTED_FULL)
+
+    def evict_expired(self, step: int) -> list[str]:
+        """Remove entries older than ``max_age`` at ``step``; return their prompt keys.
+
+        Costs O(evicted * log capacity): only the expired prefix of the insertion order is read.
+        """
+        self._advance_to(step)
+        return self._evict_expired(step)
+
+    def sample(self, n: int, step: int, rng: random.Random) -> list[BufferEntry]:
+        """Up to ``n`` distinct entries drawn uniformly among those not expired at ``step``.
+
+        ``rng`` is a stdlib ``random.Random`` (no numpy needed). Candidates are sorted by prompt
+        key before drawing, so the result depends only on the stored entries and the rng state,
+        not on the order of past operations. Sampling does not evict.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._advance_to(step)
+        candidates = sorted(key for key in self._entries if not self._is_expired(key, step))
+        chosen = rng.sample(candidates, min(n, len(candidates)))
+        return [self._entries[key] for key in chosen]
+
+    # ----- internals -----------------------------------------------------------------------
+
+    def _advance_to(self, step: int) -> None:
+        # Insert steps must be non-decreasing for _by_insert to be sorted by age and for the
+        # order keys to be compared at a step >= every insert step.
+        if self._last_step is not None and step < self._last_step:
+            raise ValueError(
+                f"step went backwards: got {step} after {self._last_step}; "
+                "pass the learner's current training step, which never decreases"
+            )
+        self._last_step = step
+
+    def _is_expired(self, prompt_key: str, step: int) -> bool:
+        if self.max_age is None:
+            return False
+        return step - self._entries[prompt_key].insert_step > self.max_age
+
+    def _evict_expired(self, step: int) -> list[str]:
+        evicted: list[str] = []
+        while self._by_insert:
+            oldest = next(iter(self._by_insert))
+            if not self._is_expired(oldest, step):
+                break  # every later entry was inserted no earlier, so none is expired either
+            self._remove(oldest)
+            evicted.append(oldest)
+        self.stats["evictions"] += len(evicted)
+        return evicted
+
+    def _store(self, entry: BufferEntry) -> None:
+        seq = self._next_seq
+        self._next_seq += 1
+        self._entries[entry.prompt_key] = entry
+        self._live_seq[entry.prompt_key] = seq
+        self._by_insert[entry.prompt_key] = None  # newest: goes to the end
+        order_key = priority_order_key(entry.reward, entry.insert_step, self.gamma)
+        # seq breaks ties between equal priorities in favour of evicting the older entry.
+        heapq.heappush(self._heap, (order_key, seq, entry.prompt_key))
+
+    def _remove(self, prompt_key: str) -> None:
+        del self._entries[prompt_key]
+        del self._live_seq[prompt_key]  # its heap item becomes stale
+        del self._by_insert[prompt_key]
+        if len(self._heap) > 2 * len(self._entries) + _HEAP_SLACK:
+            self._heap = [item for item in self._heap if self._live_seq.get(item[2]) == item[1]]
+            heapq.heapify(self._heap)
+
+    def _admitted(self, outcome: AdmissionOutcome) -> AdmissionOutcome:
+        self.stats["admissions"] += 1
+        if outcome is not AdmissionOutcome.INSERTED:
+            self.stats["replacements"] += 1
+        return outcome
+
+    def _reject(self, outcome: AdmissionOutcome) -> AdmissionOutcome:
+        self.stats["rejections"] += 1
+        return outcome

@@ -1,0 +1,161 @@
+"""The OP-GRPO objective: clipped GRPO with the sequence-level importance correction (s3).
+
+Pure tensor functions, no Ray and no DeepSpeed, so every property of the loss is tested on CPU.
+Shapes: B trajectories in a micro-batch, S trained steps per trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from opgrpo import metrics as M
+
+Correction = Literal["sequence", "naive", "none"]
+
+
+def sequence_weights(
+    old_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    off_policy_mask: torch.Tensor,
+    seq_weight_max: float | None = None,
+) -> torch.Tensor:
+    """w_i = exp(sum over off-policy steps of (logp_old - logp_mu)); 1 for fresh trajectories.
+
+    Args:
+        old_logprobs, behaviour_logprobs: (B, T) per-step log-probs under pi_old and mu.
+        off_policy_mask: (B, T) True where the step was drawn by an older policy than pi_old.
+        seq_weight_max: optional clamp of w_i to [0, seq_weight_max] (truncated IS).
+
+    Returns (B,) float32 weights carrying no gradient.
+    """
+    log_diff = (old_logprobs.detach() - behaviour_logprobs.detach()).to(torch.float64)
+    log_w = torch.where(off_policy_mask, log_diff, torch.zeros_like(log_diff)).sum(dim=1)
+    weights = log_w.exp()
+    if seq_weight_max is not None:
+        weights = weights.clamp(0.0, seq_weight_max)
+    return weights.to(torch.float32)
+
+
+def kl_to_reference(
+    mean_theta: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """Per-trajectory KL term mean_elements((mean_theta - mean_ref)^2) / (2 std^2), shape (B,).
+
+    `std` is the SDE std of the step (ALGORITHM.md s3 as written). Dividing by the transition
+    variance std^2 * |dt| instead would give the exact Gaussian KL; the two differ by the step's
+    constant factor |dt|, which only rescales beta per step.
+    """
+    dims = tuple(range(1, mean_theta.ndim))
+    sq = (mean_theta.to(torch.float32) - mean_ref.to(torch.float32).detach()) ** 2
+    return sq.mean(dim=dims) / (2 * std.to(torch.float32) ** 2)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl_loss: torch.Tensor
+    ratio: torch.Tensor
+    stats: dict[str, float]
+
+
+def op_grpo_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    off_policy_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_weight: torch.Tensor,
+    clip_range: float,
+    correction: Correction = "sequence",
+    sample_mask: torch.Tensor | None = None,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> LossOutput:
+    """Clipped GRPO loss with the chosen off-policy correction.
+
+    Args:
+        new_logprobs: (B, S) log pi_theta of the trained transitions (carries the gradient).
+        old_logprobs: (B, S) log pi_old of the same transitions.
+        behaviour_logprobs: (B, S) log mu (the policy that drew each transition).
+        off_policy_mask: (B, S) True for transitions drawn by an older policy than pi_old.
+        advantages: (B,) group advantages.
+        seq_weight: (B,) w_i from `sequence_weights` (used by correction="sequence" only).
+        clip_range: epsilon of the trust region.
+        correction: "sequence" (ratio vs pi_old, times w_i), "naive" (ratio vs mu on
+            off-policy steps, no w_i), "none" (ratio vs pi_old, no w_i).
+        sample_mask: (B,) False for samples of zero-variance groups (left out of the mean).
+        kl: (B, S) per-step KL terms, or None when kl_beta == 0.
+    """
+    if correction not in ("sequence", "naive", "none"):
+        raise ValueError(f"learner.correction must be sequence|naive|none, got {correction!r}")
+    old_logprobs = old_logprobs.detach()
+    if correction == "naive":
+        anchor = torch.where(off_policy_mask, behaviour_logprobs.detach(), old_logprobs)
+        weight = torch.ones_like(seq_weight)
+    else:
+        anchor = old_logprobs
+        weight = seq_weight.detach() if correction == "sequence" else torch.ones_like(seq_weight)
+
+    ratio = torch.exp(new_logprobs - anchor)
+    adv = advantages.detach()[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
+    per_sample = -weight * torch.minimum(unclipped, clipped).mean(dim=1)
+
+    if sample_mask is None:
+        sample_mask = torch.ones_like(advantages, dtype=torch.bool)
+    n_valid = sample_mask.sum().clamp(min=1)
+    policy_loss = (per_sample * sample_mask).sum() / n_valid
+
+    if kl is not None and kl_beta > 0:
+        kl_loss = kl_beta * kl.mean()
+    else:
+        kl_loss = torch.zeros((), dtype=policy_loss.dtype)
+    loss = policy_loss + kl_loss
+
+    stats = _loss_stats(ratio, new_logprobs, anchor, off_policy_mask, sample_mask, weight, clip_range)
+    stats.update({
+        M.LOSS_TOTAL: float(loss.detach()),
+        M.LOSS_POLICY: float(policy_loss.detach()),
+        M.LOSS_KL: float(kl.mean().detach()) if kl is not None else 0.0,
+    })
+    return LossOutput(loss, policy_loss, kl_loss, ratio.detach(), stats)
+
+
+def _loss_stats(
+    ratio: torch.Tensor,
+    new_logprobs: torch.Tensor,
+    anchor: torch.Tensor,
+    off_policy_mask: torch.Tensor,
+    sample_mask: torch.Tensor,
+    weight: torch.Tensor,
+    clip_range: float,
+) -> dict[str, float]:
+    """The paper's diagnostics: clip fractions (all and off-policy samples), approx KL, w_i."""
+    ratio = ratio.detach()
+    clipped = (ratio - 1.0).abs() > clip_range
+    entries = sample_mask[:, None].expand_as(clipped)
+    off_samples = off_policy_mask.any(dim=1) & sample_mask
+    off_entries = off_samples[:, None].expand_as(clipped)
+    log_ratio = (new_logprobs.detach() - anchor)
+    stats = {
+        M.LOSS_CLIPFRAC: _masked_mean(clipped.float(), entries),
+        M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped.float(), off_entries),
+        M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, entries),
+        M.LOSS_RATIO_MEAN: _masked_mean(ratio, entries),
+    }
+    off_weights = weight[off_policy_mask.any(dim=1)]
+    stats[M.LOSS_SEQ_WEIGHT_MEAN] = float(off_weights.mean()) if off_weights.numel() else 1.0
+    stats[M.LOSS_SEQ_WEIGHT_MAX] = float(off_weights.max()) if off_weights.numel() else 1.0
+    return stats
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    count = int(mask.sum())
+    if count == 0:
+        return float("nan")
+    return float((values * mask).sum() / count)

@@ -1,0 +1,230 @@
+"""One typed configuration for a whole run: pydantic models read from YAML plus `--set` overrides.
+
+Every knob is declared, defaulted and described exactly once here; no other module reads a
+setting with a fallback default. Unknown keys and bad values are refused with the dotted path of
+the field (`learner.clip_range`) and the reason, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="Directory of a diffusers-layout pipeline.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the transformer (the SDE math is float32)."
+    )
+    lora_rank: int = Field(0, ge=0, description="LoRA rank on attention projections; 0 = full.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = lora_rank.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names of the transformer that receive LoRA adapters.",
+    )
+    height: int = Field(512, ge=8, description="Image height in pixels.")
+    width: int = Field(512, ge=8, description="Image width in pixels.")
+    max_sequence_length: int = Field(77, ge=1, description="T5 tokens per prompt.")
+
+
+class SamplingConfig(_Section):
+    num_steps: int = Field(10, ge=2, description="SDE steps per training trajectory (T).")
+    noise_level: float = Field(0.7, ge=0, description="SDE noise level a (0 = ODE).")
+    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale for rollouts (1 = off).")
+    eval_num_steps: int = Field(40, ge=1, description="ODE steps for evaluation sampling.")
+    eval_guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale for evaluation.")
+    logprob_reduce: Literal["mean", "sum"] = Field(
+        "mean", description="Reduction of per-element log-densities (Flow-GRPO uses mean)."
+    )
+    latent_storage_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of stored trajectory latents (buffer and object store)."
+    )
+
+
+class RolloutConfig(_Section):
+    num_actors: int | Literal["auto"] = Field(1, description="Rollout actors, or 'auto'.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout actor.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout actor.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per iteration.")
+    group_size: int = Field(8, ge=2, description="Trajectories per prompt (G).")
+    chunk_size: int = Field(8, ge=1, description="Trajectories per rollout task.")
+
+    @model_validator(mode="after")
+    def _check_actors(self) -> RolloutConfig:
+        if isinstance(self.num_actors, int) and self.num_actors < 1:
+            raise ValueError("num_actors must be >= 1 or 'auto'")
+        return self
+
+
+class RewardConfig(_Section):
+    functions: dict[str, float] = Field(
+        default_factory=dict, description="Reward name -> weight; the total is the weighted sum."
+    )
+    num_actors: int = Field(1, ge=1, description="Reward actors.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per reward actor.")
+
+
+class BufferConfig(_Section):
+    off_policy_fraction: float = Field(
+        0.125, ge=0, lt=1, description="Fraction rho of prompts drawn from the buffer (0 = on-policy)."
+    )
+    capacity: int = Field(256, ge=1, description="Entries kept (one per prompt).")
+    decay_gamma: float = Field(0.99, gt=0, le=1, description="Stepwise priority decay gamma.")
+    max_age: int | None = Field(None, ge=1, description="Entries older than this are evicted.")
+    admit_min_advantage: float = Field(0.0, description="Admit a group's best only above this.")
+    truncate_step: int | None = Field(
+        None, ge=1, description="Replayed transitions kept (K); default round(0.7*T)."
+    )
+    redis_url: str | None = Field(None, description="External Redis; unset = embedded server.")
+
+
+class LearnerConfig(_Section):
+    correction: Literal["sequence", "naive", "none"] = Field(
+        "sequence", description="Off-policy correction (ALGORITHM.md section 3)."
+    )
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon.")
+    kl_beta: float = Field(0.04, ge=0, description="KL weight beta (0 = no reference policy).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to +-this.")
+    global_std: bool = Field(False, description="Normalise advantages by the batch std.")
+    seq_weight_max: float | None = Field(None, gt=0, description="Clamp w_i to [0, this].")
+    timestep_fraction: float = Field(0.9, gt=0, le=1, description="Share of steps trained.")
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1, description="Trajectories per forward/backward.")
+    updates_per_step: int = Field(1, ge=1, description="Passes over each batch (inner epochs).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    num_ranks: int = Field(1, ge=1, description="Learner ranks (one DeepSpeed process each).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
+
+
+class TrainConfig(_Section):
+    num_steps: int = Field(300, ge=1, description="Training iterations.")
+    prompts_file: str | None = Field(None, description="Training prompts (txt or JSONL).")
+    eval_prompts_file: str | None = Field(None, description="Evaluation prompts.")
+    eval_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run directory name.")
+    output_dir: str = Field("runs", description="Parent of run directories.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
+    ray_address: str | None = Field(None, description="Ray cluster; unset = local Ray.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        steps = self.sampling.num_steps
+        if self.buffer.truncate_step is not None and self.buffer.truncate_step > steps:
+            raise ValueError(
+                f"buffer.truncate_step ({self.buffer.truncate_step}) must be <= "
+                f"sampling.num_steps ({steps})"
+            )
+        if self.sampling.noise_level == 0:
+            raise ValueError("sampling.noise_level must be > 0 for training (0 has no log-prob)")
+        return self
+
+    @property
+    def truncate_step(self) -> int:
+        """K: replayed transitions kept from the buffer (ALGORITHM.md section 5)."""
+        if self.buffer.truncate_step is not None:
+            return self.buffer.truncate_step
+        return max(1, round(0.7 * self.sampling.num_steps))
+
+    @property
+    def num_train_steps_per_trajectory(self) -> int:
+        """Transitions trained per trajectory: ceil(timestep_fraction * T)."""
+        return math.ceil(self.learner.timestep_fraction * self.sampling.num_steps)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {dotted!r} is not of the form section.key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def build_config(data: dict[str, Any] | None, overrides: list[str] = (), source: str = "") -> Config:
+    """Validate a config tree with overrides applied; raise ConfigError naming each bad field."""
+    tree: dict[str, Any] = dict(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source or "config")) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file (or defaults when `path` is None) and apply `--set` overrides."""
+    if path is None:
+        return build_config({}, overrides, source="defaults")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data)}")
+    return build_config(data, overrides, source=str(path))
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (written to a run directory as config.yaml)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

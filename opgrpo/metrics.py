@@ -1,0 +1,28 @@
+"""Metric keys, defined once: every component logs under these names (metrics.jsonl columns)."""
+
+REWARD_MEAN = "reward/mean"
+REWARD_STD = "reward/std"
+REWARD_FRESH_MEAN = "reward/fresh_mean"
+REWARD_REPLAYED_MEAN = "reward/replayed_mean"
+
+ADV_MASKED_GROUPS = "adv/masked_groups"
+ADV_MASKED_FRACTION = "adv/masked_fraction"
+
+LOSS_TOTAL = "loss/total"
+LOSS_POLICY = "loss/policy"
+LOSS_KL = "loss/kl"
+LOSS_CLIPFRAC = "loss/clipfrac"
+LOSS_CLIPFRAC_OFFPOLICY = "loss/clipfrac_offpolicy"
+LOSS_APPROX_KL = "loss/approx_kl"
+LOSS_RATIO_MEAN = "loss/ratio_mean"
+LOSS_SEQ_WEIGHT_MEAN = "loss/seq_weight_mean"
+LOSS_SEQ_WEIGHT_MAX = "loss/seq_weight_max"
+
+BUFFER_SIZE = "buffer/size"
+BUFFER_ADMISSIONS = "buffer/admissions"
+BUFFER_REPLACEMENTS = "buffer/replacements"
+BUFFER_EVICTIONS = "buffer/evictions"
+BUFFER_REPLAYED_FRACTION = "buffer/replayed_prompt_fraction"
+
+POLICY_VERSION_LAG_MEAN = "policy/version_lag_mean"
+POLICY_VERSION_LAG_MAX = "policy/version_lag_max"

@@ -1,0 +1,260 @@
+"""Trajectory sampling as pure functions of (policy, prompts, seeds): no Ray, no global state.
+
+- `sample_groups`/`sample_trajectories`: fresh SDE trajectories with per-step log-probs.
+- `rescore_transitions`: log pi(x_{t+1} | x_t) of stored transitions under the current weights.
+- `regenerate_from`: keep a replayed trajectory's first K transitions, re-score them under
+  pi_old, and regenerate the rest with fresh noise (ALGORITHM.md section 5, truncation).
+- `sample_ode`: deterministic evaluation sampling (noise level 0).
+
+Every trajectory draws its noise from its own generator seeded by `trajectory_seed`, so a
+trajectory is the same whatever batch or actor produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opgrpo.models import FlowPolicy, PromptEmbeds
+from opgrpo.sde import Reduce, SDEStepOutput, ode_step, sde_step_with_logprob
+from opgrpo.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How trajectories are drawn; mirrors the `sampling` and `model` config sections."""
+
+    num_steps: int
+    noise_level: float
+    guidance_scale: float
+    height: int
+    width: int
+    reduce: Reduce = "mean"
+
+    @classmethod
+    def from_config(cls, config) -> SamplingSpec:
+        return cls(
+            num_steps=config.sampling.num_steps,
+            noise_level=config.sampling.noise_level,
+            guidance_scale=config.sampling.guidance_scale,
+            height=config.model.height,
+            width=config.model.width,
+            reduce=config.sampling.logprob_reduce,
+        )
+
+
+def trajectory_seed(base_seed: int, *parts: object) -> int:
+    """A stable 63-bit seed from a base seed and identifying parts (step, prompt key, index)."""
+    text = "/".join(str(p) for p in (base_seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def step_logprob(
+    policy: FlowPolicy,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor | None,
+    step: int,
+    sigmas: torch.Tensor,
+    embeds: PromptEmbeds,
+    spec: SamplingSpec,
+    generators: list[torch.Generator] | None = None,
+) -> SDEStepOutput:
+    """One SDE transition at grid index `step` under the policy's current weights.
+
+    latents: (B, C, h, w) x_t; next_latents: (B, C, h, w) x_{t+1} to score, or None to draw it
+    with `generators`. Gradients flow into the velocity when grad mode is on (the learner).
+    """
+    velocity = policy.velocity(latents, sigmas[step], embeds, spec.guidance_scale)
+    return sde_step_with_logprob(
+        velocity,
+        latents,
+        sigmas[step],
+        sigmas[step + 1],
+        sigma_1=float(sigmas[1]),
+        noise_level=spec.noise_level,
+        prev_sample=next_latents,
+        generator=generators,
+        reduce=spec.reduce,
+    )
+
+
+@torch.no_grad()
+def _run_sde(
+    policy: FlowPolicy,
+    start: torch.Tensor,
+    start_step: int,
+    sigmas: torch.Tensor,
+    embeds: PromptEmbeds,
+    generators: list[torch.Generator],
+    spec: SamplingSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps start_step..T-1 from `start`; returns latents (B, T-start+1, ...) and logp (B, .)."""
+    latents, logps = [start.float()], []
+    x = start.float()
+    for step in range(start_step, spec.num_steps):
+        out = step_logprob(policy, x, None, step, sigmas, embeds, spec, generators)
+        x = out.prev_sample
+        latents.append(x)
+        logps.append(out.log_prob)
+    return torch.stack(latents, dim=1), torch.stack(logps, dim=1)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    policy: FlowPolicy,
+    prompts: list[str],
+    prompt_keys: list[str],
+    seeds: list[int],
+    spec: SamplingSpec,
+    version: int,
+) -> list[Trajectory]:
+    """One fresh SDE trajectory per (prompt, key, seed) row, drawn as one batch."""
+    if not len(prompts) == len(prompt_keys) == len(seeds):
+        raise ValueError("prompts, prompt_keys and seeds must have the same length")
+    sigmas = policy.sigmas(spec.num_steps)
+    generators = _generators(seeds)
+    shape = policy.latent_shape(spec.height, spec.width)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    embeds = policy.encode_prompts(prompts)
+    latents, logps = _run_sde(policy, noise, 0, sigmas, embeds, generators, spec)
+    return [
+        Trajectory(
+            prompt_key=key,
+            prompt=prompt,
+            latents=latents[i].numpy(),
+            sigmas=sigmas.numpy(),
+            behaviour_logprobs=logps[i].numpy(),
+            old_logprobs=logps[i].numpy(),
+            behaviour_version=version,
+            noise_level=spec.noise_level,
+            seed=int(seeds[i]),
+        )
+        for i, (prompt, key) in enumerate(zip(prompts, prompt_keys))
+    ]
+
+
+def sample_groups(
+    policy: FlowPolicy,
+    prompts: list[str],
+    prompt_keys: list[str],
+    group_size: int,
+    spec: SamplingSpec,
+    base_seed: int,
+    iteration: int,
+    version: int,
+) -> list[Trajectory]:
+    """G fresh trajectories for each prompt; seeds derive from (base_seed, iteration, key, j)."""
+    rows = [(p, k, j) for p, k in zip(prompts, prompt_keys) for j in range(group_size)]
+    seeds = [trajectory_seed(base_seed, iteration, k, j) for _, k, j in rows]
+    return sample_trajectories(
+        policy, [r[0] for r in rows], [r[1] for r in rows], seeds, spec, version
+    )
+
+
+def _check_grid(trajectories: list[Trajectory], sigmas: torch.Tensor) -> None:
+    grid = sigmas.numpy()
+    for traj in trajectories:
+        if traj.sigmas.shape != grid.shape or not np.allclose(traj.sigmas, grid, atol=1e-6):
+            raise ValueError(
+                f"trajectory {traj.prompt_key!r} was sampled on another sigma grid "
+                f"({traj.num_steps} steps); sampling.num_steps or the scheduler shift changed"
+            )
+
+
+@torch.no_grad()
+def rescore_transitions(
+    policy: FlowPolicy,
+    trajectories: list[Trajectory],
+    steps: list[int],
+    spec: SamplingSpec,
+) -> np.ndarray:
+    """log pi(x_{t+1} | x_t) for each trajectory and each grid index in `steps`: (B, len(steps))."""
+    sigmas = policy.sigmas(spec.num_steps)
+    _check_grid(trajectories, sigmas)
+    embeds = policy.encode_prompts([t.prompt for t in trajectories])
+    latents = torch.from_numpy(np.stack([t.latents for t in trajectories]))
+    scores = [
+        step_logprob(policy, latents[:, s], latents[:, s + 1], s, sigmas, embeds, spec).log_prob
+        for s in steps
+    ]
+    return torch.stack(scores, dim=1).numpy() if scores else np.zeros((len(trajectories), 0))
+
+
+@torch.no_grad()
+def regenerate_from(
+    policy: FlowPolicy,
+    trajectories: list[Trajectory],
+    truncate_step: int,
+    seeds: list[int],
+    spec: SamplingSpec,
+    version: int,
+) -> list[Trajectory]:
+    """Mixed trajectories: the stored prefix x_0..x_K, then a fresh tail drawn by pi_old.
+
+    Steps 0..K-1 keep their behaviour log-probs (mu) and get old log-probs re-scored under the
+    current weights; they are marked off-policy. Steps K..T-1 are regenerated with fresh noise
+    from `seeds`, so their behaviour and old log-probs coincide. The reward is reset (NaN): the
+    new final sample must be scored again.
+    """
+    k = truncate_step
+    if not 0 <= k <= spec.num_steps:
+        raise ValueError(f"truncate_step must be in [0, {spec.num_steps}], got {k}")
+    if len(seeds) != len(trajectories):
+        raise ValueError("one seed per trajectory is needed")
+    sigmas = policy.sigmas(spec.num_steps)
+    _check_grid(trajectories, sigmas)
+    prefix_old = rescore_transitions(policy, trajectories, list(range(k)), spec)
+    embeds = policy.encode_prompts([t.prompt for t in trajectories])
+    start = torch.from_numpy(np.stack([t.latents[k] for t in trajectories]))
+    tail_latents, tail_logps = _run_sde(policy, start, k, sigmas, embeds, _generators(seeds), spec)
+    out = []
+    for i, traj in enumerate(trajectories):
+        latents = np.concatenate([traj.latents[:k], tail_latents[i].numpy()])
+        tail = tail_logps[i].numpy()
+        mask = np.zeros(spec.num_steps, dtype=bool)
+        mask[:k] = True
+        out.append(
+            Trajectory(
+                prompt_key=traj.prompt_key,
+                prompt=traj.prompt,
+                latents=latents,
+                sigmas=sigmas.numpy(),
+                behaviour_logprobs=np.concatenate([traj.behaviour_logprobs[:k], tail]),
+                old_logprobs=np.concatenate([prefix_old[i], tail]).astype(np.float32),
+                off_policy_mask=mask,
+                behaviour_version=traj.behaviour_version,
+                noise_level=spec.noise_level,
+                seed=int(seeds[i]),
+                replayed=True,
+                extras={"rollout_version": float(version)},
+            )
+        )
+    return out
+
+
+@torch.no_grad()
+def sample_ode(
+    policy: FlowPolicy,
+    prompts: list[str],
+    seeds: list[int],
+    num_steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """Deterministic Euler sampling (evaluation); returns final latents (B, C, h, w)."""
+    sigmas = policy.sigmas(num_steps)
+    shape = policy.latent_shape(height, width)
+    x = torch.stack([torch.randn(shape, generator=g) for g in _generators(seeds)])
+    embeds = policy.encode_prompts(prompts)
+    for step in range(num_steps):
+        v = policy.velocity(x, sigmas[step], embeds, guidance_scale)
+        x = ode_step(v, x, sigmas[step], sigmas[step + 1])
+    return x
