@@ -117,7 +117,9 @@ def op_grpo_loss(
         kl_loss = torch.zeros((), dtype=policy_loss.dtype)
     loss = policy_loss + kl_loss
 
-    stats = _loss_stats(ratio, new_logprobs, anchor, off_policy_mask, sample_mask, weight, clip_range)
+    stats = _loss_stats(
+        ratio, new_logprobs, anchor, off_policy_mask, sample_mask, weight, clip_range
+    )
     stats.update({
         M.LOSS_TOTAL: float(loss.detach()),
         M.LOSS_POLICY: float(policy_loss.detach()),

@@ -7,7 +7,6 @@ random SD3 pipeline of the real classes), `config` (validate and print a resolve
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

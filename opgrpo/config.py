@@ -78,7 +78,7 @@ class RewardConfig(_Section):
 
 class BufferConfig(_Section):
     off_policy_fraction: float = Field(
-        0.125, ge=0, lt=1, description="Fraction rho of prompts drawn from the buffer (0 = on-policy)."
+        0.125, ge=0, lt=1, description="Fraction rho of prompts from the buffer (0 = on-policy)."
     )
     capacity: int = Field(256, ge=1, description="Entries kept (one per prompt).")
     decay_gamma: float = Field(0.99, gt=0, le=1, description="Stepwise priority decay gamma.")
@@ -197,7 +197,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_config(data: dict[str, Any] | None, overrides: list[str] = (), source: str = "") -> Config:
+def build_config(
+    data: dict[str, Any] | None, overrides: list[str] = (), source: str = ""
+) -> Config:
     """Validate a config tree with overrides applied; raise ConfigError naming each bad field."""
     tree: dict[str, Any] = dict(data or {})
     for text in overrides:

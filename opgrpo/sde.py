@@ -7,6 +7,7 @@ lost in bf16 rounding.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -22,14 +23,15 @@ class SDEStepOutput:
     """One SDE transition x -> x'.
 
     prev_sample:     (B, ...) x', drawn or the given one, float32.
-    log_prob:        (B,) log N(x'; mean, std_transition^2) reduced over elements.
+    log_prob:        (B,) log N(x'; mean, std_transition^2) reduced over elements; None when
+                     the noise level is 0 (the step is then the deterministic Euler step).
     prev_sample_mean:(B, ...) the Gaussian mean (used by the KL term).
     std:             scalar tensor, the SDE std a*sqrt(sigma/(1-sigma)) (before sqrt(-dt)).
     std_transition:  scalar tensor, std * sqrt(-dt): the std of x' given x.
     """
 
     prev_sample: torch.Tensor
-    log_prob: torch.Tensor
+    log_prob: torch.Tensor | None
     prev_sample_mean: torch.Tensor
     std: torch.Tensor
     std_transition: torch.Tensor
@@ -41,16 +43,13 @@ def sigma_grid(scheduler, num_steps: int) -> torch.Tensor:
     Uses the diffusers scheduler's own `set_timesteps` so that shift settings match the model.
     A deep copy is used so the caller's scheduler state is not touched.
     """
-    import copy
-
     sched = copy.deepcopy(scheduler)
-    kwargs = {}
     if getattr(sched.config, "use_dynamic_shifting", False):
         raise ValueError(
             "scheduler uses dynamic (resolution-dependent) shifting; pass a static `shift` in "
             "the scheduler config or set use_dynamic_shifting=false"
         )
-    sched.set_timesteps(num_steps, **kwargs)
+    sched.set_timesteps(num_steps)
     return sched.sigmas.to(torch.float32).clone()
 
 
@@ -87,14 +86,15 @@ def sde_step_with_logprob(
         sample: (B, ...) current latent x.
         sigma, sigma_next: noise levels of this step, sigma_next < sigma.
         sigma_1: the grid's second sigma, used in place of sigma where sigma == 1.
-        noise_level: a > 0.
+        noise_level: a >= 0; with a = 0 the step is the scheduler's Euler step and has no
+            log-density (log_prob is None).
         prev_sample: (B, ...) score this given x' instead of drawing one (re-scoring).
         generator: one generator, or one per batch row (so each trajectory is reproducible
             whatever batch it is drawn in).
         reduce: "mean" or "sum" over the non-batch elements.
     """
-    if noise_level <= 0:
-        raise ValueError("noise_level must be > 0 for a stochastic step; use ode_step for a = 0")
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     v = model_output.to(torch.float32)
     x = sample.to(torch.float32)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -106,6 +106,10 @@ def sde_step_with_logprob(
     std = sde_std(sigma, sigma_1, noise_level)
     mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
     std_transition = std * torch.sqrt(-dt)
+    if noise_level == 0:
+        if prev_sample is not None:
+            raise ValueError("a given next latent cannot be scored with noise_level 0")
+        return SDEStepOutput(mean, None, mean, std, std_transition)
 
     if prev_sample is None:
         eps = _standard_normal(x.shape, generator, x.device)

@@ -66,7 +66,9 @@ class Trajectory:
         for name in ("off_policy_mask", "old_logprobs"):
             value = getattr(self, name)
             if value is not None and value.shape != (steps,):
-                raise ValueError(f"trajectory {self.prompt_key!r}: {name} must have shape ({steps},)")
+                raise ValueError(
+                    f"trajectory {self.prompt_key!r}: {name} must have shape ({steps},)"
+                )
 
     @property
     def num_steps(self) -> int:

@@ -1,0 +1,38 @@
+# The README's commands. Every target creates/uses $(VENV) and installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.opgrpo-installed
+export HF_HUB_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first: keep any torch the venv already has (e.g. a CUDA build); otherwise a CUDA build
+# where a GPU driver is present, else the CPU build torch==2.13.0.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==2.13.0; fi; }
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	test -f out/tiny-sd3/model_index.json || $(VENV)/bin/opgrpo make-tiny-sd3 out/tiny-sd3
+	$(VENV)/bin/opgrpo sample --model out/tiny-sd3 --prompts configs/demo_prompts.txt \
+	  --out out/demo_grid.png --steps 20 --n-per-prompt 4
+	$(VENV)/bin/opgrpo sample --model out/tiny-sd3 --prompts configs/demo_prompts.txt \
+	  --out out/demo_grid_sde.png --steps 10 --n-per-prompt 4 --sde
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,71 @@
+"""Config validation: dotted field paths in errors, YAML files, --set overrides."""
+
+from pathlib import Path
+
+import pytest
+
+from opgrpo.config import ConfigError, build_config, dump_config, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_derive_truncation():
+    config = build_config({})
+    assert config.learner.correction == "sequence"
+    assert config.sampling.noise_level == 0.7 and config.learner.clip_range == 1e-4
+    assert config.truncate_step == 7  # round(0.7 * 10)
+    assert config.num_train_steps_per_trajectory == 9  # ceil(0.9 * 10)
+
+
+def test_unknown_key_names_its_dotted_path():
+    with pytest.raises(ConfigError) as err:
+        build_config({"learner": {"clip_rnage": 0.1}})
+    assert "learner.clip_rnage" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_bad_value_names_field_and_reason():
+    with pytest.raises(ConfigError) as err:
+        build_config({"buffer": {"off_policy_fraction": 1.5}})
+    assert "buffer.off_policy_fraction" in str(err.value)
+    with pytest.raises(ConfigError, match="learner.correction"):
+        build_config({}, ["learner.correction=weird"])
+
+
+def test_overrides_parse_yaml_values():
+    config = build_config({}, ["learner.clip_range=2e-4", "rollout.num_actors=auto",
+                               "model.lora_target_modules=[to_q, to_k]", "buffer.max_age=50"])
+    assert config.learner.clip_range == 2e-4
+    assert config.rollout.num_actors == "auto"
+    assert config.model.lora_target_modules == ["to_q", "to_k"]
+    assert config.buffer.max_age == 50
+    assert parse_override("a.b=") == ("a.b", None)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("no-equals-sign")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="truncate_step"):
+        build_config({"sampling": {"num_steps": 5}, "buffer": {"truncate_step": 6}})
+    with pytest.raises(ConfigError, match="noise_level"):
+        build_config({"sampling": {"noise_level": 0}})
+
+
+def test_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("run:\n  seed: 7\nlearner:\n  zero_stage: 3\n")
+    config = load_config(good, ["run.seed=8"])
+    assert config.run.seed == 8 and config.learner.zero_stage == 3
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
