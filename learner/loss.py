@@ -74,6 +74,7 @@ def op_grpo_loss(
     sample_mask: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
     kl_beta: float = 0.0,
+    off_policy_samples: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped GRPO loss with the chosen off-policy correction.
 
@@ -89,75 +90,79 @@ def op_grpo_loss(
             off-policy steps, no w_i), "none" (ratio vs pi_old, no w_i).
         sample_mask: (B,) False for samples of zero-variance groups (left out of the mean).
         kl: (B, S) per-step KL terms, or None when kl_beta == 0.
+        off_policy_samples: (B,) which samples count as off-policy in the statistics
+            (default: those with an off-policy step among the S given).
     """
     if correction not in ("sequence", "naive", "none"):
         raise ValueError(f"learner.correction must be sequence|naive|none, got {correction!r}")
     old_logprobs = old_logprobs.detach()
+    seq_weight = seq_weight.detach()
     if correction == "naive":
         anchor = torch.where(off_policy_mask, behaviour_logprobs.detach(), old_logprobs)
-        weight = torch.ones_like(seq_weight)
     else:
         anchor = old_logprobs
-        weight = seq_weight.detach() if correction == "sequence" else torch.ones_like(seq_weight)
-
-    ratio = torch.exp(new_logprobs - anchor)
-    adv = advantages.detach()[:, None]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
-    per_sample = -weight * torch.minimum(unclipped, clipped).mean(dim=1)
-
+    weight = seq_weight if correction == "sequence" else torch.ones_like(seq_weight)
     if sample_mask is None:
         sample_mask = torch.ones_like(advantages, dtype=torch.bool)
-    n_valid = sample_mask.sum().clamp(min=1)
-    policy_loss = (per_sample * sample_mask).sum() / n_valid
 
+    # Only valid rows enter the arithmetic: a masked row with an infinite weight or log-prob
+    # would otherwise turn the sum (inf * 0) and its gradient into NaN.
+    valid = sample_mask
+    ratio = torch.exp(new_logprobs[valid] - anchor[valid])
+    adv = advantages.detach()[valid][:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
+    per_sample = -weight[valid] * torch.minimum(unclipped, clipped).mean(dim=1)
+    policy_loss = per_sample.sum() / valid.sum().clamp(min=1)
+
+    # The KL regulariser applies to every sample, masked groups included: it does not depend
+    # on the advantage, and zero-variance groups still show how far theta drifted from ref.
     if kl is not None and kl_beta > 0:
         kl_loss = kl_beta * kl.mean()
     else:
         kl_loss = torch.zeros((), dtype=policy_loss.dtype)
     loss = policy_loss + kl_loss
 
-    stats = _loss_stats(
-        ratio, new_logprobs, anchor, off_policy_mask, sample_mask, weight, clip_range
-    )
+    if off_policy_samples is None:
+        off_policy_samples = off_policy_mask.any(dim=1)
+    full_ratio = torch.exp(new_logprobs.detach() - anchor)
+    stats = _loss_stats(full_ratio, anchor, new_logprobs, off_policy_samples, valid, seq_weight,
+                        clip_range)
     stats.update({
         M.LOSS_TOTAL: float(loss.detach()),
         M.LOSS_POLICY: float(policy_loss.detach()),
         M.LOSS_KL: float(kl.mean().detach()) if kl is not None else 0.0,
     })
-    return LossOutput(loss, policy_loss, kl_loss, ratio.detach(), stats)
+    return LossOutput(loss, policy_loss, kl_loss, full_ratio, stats)
 
 
 def _loss_stats(
     ratio: torch.Tensor,
-    new_logprobs: torch.Tensor,
     anchor: torch.Tensor,
-    off_policy_mask: torch.Tensor,
-    sample_mask: torch.Tensor,
-    weight: torch.Tensor,
+    new_logprobs: torch.Tensor,
+    off_policy_samples: torch.Tensor,
+    valid: torch.Tensor,
+    seq_weight: torch.Tensor,
     clip_range: float,
 ) -> dict[str, float]:
-    """The paper's diagnostics: clip fractions (all and off-policy samples), approx KL, w_i."""
-    ratio = ratio.detach()
-    clipped = (ratio - 1.0).abs() > clip_range
-    entries = sample_mask[:, None].expand_as(clipped)
-    off_samples = off_policy_mask.any(dim=1) & sample_mask
-    off_entries = off_samples[:, None].expand_as(clipped)
-    log_ratio = (new_logprobs.detach() - anchor)
-    stats = {
-        M.LOSS_CLIPFRAC: _masked_mean(clipped.float(), entries),
-        M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped.float(), off_entries),
-        M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, entries),
-        M.LOSS_RATIO_MEAN: _masked_mean(ratio, entries),
+    """The paper's diagnostics over valid samples: clip fractions (all, off-policy), approx KL,
+    and the sequence weights w_i of off-policy samples (logged under every correction, so the
+    ablations show the w_i they ignore)."""
+    clipped = ((ratio - 1.0).abs() > clip_range).float()
+    off_valid = off_policy_samples & valid
+    log_ratio = new_logprobs.detach() - anchor
+    off_weights = seq_weight[off_valid]
+    return {
+        M.LOSS_CLIPFRAC: _masked_mean(clipped, valid),
+        M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped, off_valid),
+        M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, valid),
+        M.LOSS_RATIO_MEAN: _masked_mean(ratio, valid),
+        M.LOSS_SEQ_WEIGHT_MEAN: float(off_weights.mean()) if off_weights.numel() else 1.0,
+        M.LOSS_SEQ_WEIGHT_MAX: float(off_weights.max()) if off_weights.numel() else 1.0,
     }
-    off_weights = weight[off_policy_mask.any(dim=1)]
-    stats[M.LOSS_SEQ_WEIGHT_MEAN] = float(off_weights.mean()) if off_weights.numel() else 1.0
-    stats[M.LOSS_SEQ_WEIGHT_MAX] = float(off_weights.max()) if off_weights.numel() else 1.0
-    return stats
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    count = int(mask.sum())
-    if count == 0:
-        return float("nan")
-    return float((values * mask).sum() / count)
+def _masked_mean(values: torch.Tensor, rows: torch.Tensor) -> float:
+    """Mean of values (B, S) over the selected rows (B,) bool; NaN when none is selected."""
+    selected = values[rows]
+    return float(selected.mean()) if selected.numel() else float("nan")

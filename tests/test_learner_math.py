@@ -518,17 +518,17 @@ def test_invalid_correction_raises_naming_the_field(bad):
         op_grpo_loss(**loss_inputs(2, 2), clip_range=CLIP, correction=bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: loss.py masks by multiplying (per_sample * sample_mask, values * mask), so "
-    "a masked sample with w_i = inf (exp overflow, e.g. reduce='sum' log-probs) makes the whole "
-    "loss and its stats NaN; select with torch.where / boolean indexing instead",
-)
 def test_non_finite_masked_sample_does_not_poison_the_loss():
     inputs = loss_inputs(3, 2, seed=12)
     inputs["seq_weight"] = torch.tensor([1.0, float("inf"), 1.0], dtype=F64)
     inputs["advantages"] = torch.tensor([1.0, 0.0, -1.0], dtype=F64)
     sample_mask = torch.tensor([True, False, True])
-    out = op_grpo_loss(**inputs, clip_range=CLIP, sample_mask=sample_mask)
+    new = inputs["new_logprobs"].clone().requires_grad_(True)
+    out = op_grpo_loss(**{**inputs, "new_logprobs": new}, clip_range=CLIP, sample_mask=sample_mask)
     assert torch.isfinite(out.loss)
     assert out.policy_loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(out.stats[M.LOSS_RATIO_MEAN])
+    # torch.where alone is not enough: backward would give 0 * inf = NaN on the masked row
+    (grad,) = torch.autograd.grad(out.loss, new)
+    assert torch.isfinite(grad).all()
+    assert torch.all(grad[1] == 0.0)

@@ -1,0 +1,49 @@
+"""Per-iteration batch diagnostics of ALGORITHM.md section 6 that do not come from the loss.
+
+Loss-side numbers (clip fractions, approx KL, sequence weights) come from `op_grpo_loss`; the
+buffer's counters from the buffer. This module covers rewards (fresh vs replayed), masked groups,
+the replayed-prompt fraction and the policy version lag of every sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from learner.advantages import GroupAdvantages
+from opgrpo import metrics as M
+from opgrpo.trajectory import Trajectory
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def batch_statistics(
+    trajectories: list[Trajectory], advantages: GroupAdvantages, current_version: int
+) -> dict[str, float]:
+    """Reward, masking, replay and staleness statistics of one iteration's batch.
+
+    `current_version` is the weight version of pi_old (the rollout weights this iteration);
+    a sample's lag is current_version - behaviour_version (0 for fresh samples).
+    """
+    if len(trajectories) != advantages.advantages.shape[0]:
+        raise ValueError("one advantage per trajectory is needed")
+    rewards = [t.reward for t in trajectories]
+    fresh = [t.reward for t in trajectories if not t.replayed]
+    replayed = [t.reward for t in trajectories if t.replayed]
+    lags = [current_version - t.behaviour_version for t in trajectories]
+    prompts = {t.prompt_key for t in trajectories}
+    replayed_prompts = {t.prompt_key for t in trajectories if t.replayed}
+    return {
+        M.REWARD_MEAN: _mean(rewards),
+        M.REWARD_STD: float(np.std(rewards)) if rewards else math.nan,
+        M.REWARD_FRESH_MEAN: _mean(fresh),
+        M.REWARD_REPLAYED_MEAN: _mean(replayed),
+        M.ADV_MASKED_GROUPS: float(advantages.num_masked_groups),
+        M.ADV_MASKED_FRACTION: advantages.num_masked_groups / max(1, advantages.num_groups),
+        M.BUFFER_REPLAYED_FRACTION: len(replayed_prompts) / max(1, len(prompts)),
+        M.POLICY_VERSION_LAG_MEAN: _mean([float(x) for x in lags]),
+        M.POLICY_VERSION_LAG_MAX: float(max(lags)) if lags else math.nan,
+    }

@@ -1,0 +1,39 @@
+"""Batch diagnostics: fresh vs replayed rewards, masked groups, replay fraction, version lag."""
+
+import math
+
+import numpy as np
+import torch
+
+from learner.advantages import group_advantages
+from learner.stats import batch_statistics
+from opgrpo import metrics as M
+from opgrpo.trajectory import Trajectory
+
+
+def _traj(key, reward, version, replayed=False):
+    return Trajectory(key, key, np.zeros((3, 1)), np.array([1.0, 0.5, 0.0]), np.zeros(2),
+                      version, 0.7, 0, reward=reward, replayed=replayed)
+
+
+def test_statistics_of_a_mixed_batch():
+    trajs = [_traj("a", 1.0, 4), _traj("a", 0.0, 4), _traj("a", 0.5, 1, replayed=True),
+             _traj("b", 0.2, 4), _traj("b", 0.2, 4), _traj("b", 0.2, 4)]
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(torch.tensor([t.reward for t in trajs]), groups)
+    stats = batch_statistics(trajs, adv, current_version=4)
+    assert math.isclose(stats[M.REWARD_MEAN], np.mean([1, 0, 0.5, 0.2, 0.2, 0.2]))
+    assert math.isclose(stats[M.REWARD_FRESH_MEAN], np.mean([1, 0, 0.2, 0.2, 0.2]))
+    assert stats[M.REWARD_REPLAYED_MEAN] == 0.5
+    assert stats[M.ADV_MASKED_GROUPS] == 1 and stats[M.ADV_MASKED_FRACTION] == 0.5
+    assert stats[M.BUFFER_REPLAYED_FRACTION] == 0.5
+    assert stats[M.POLICY_VERSION_LAG_MAX] == 3
+    assert math.isclose(stats[M.POLICY_VERSION_LAG_MEAN], 0.5)
+
+
+def test_no_replayed_samples_gives_nan_replayed_reward():
+    trajs = [_traj("a", 1.0, 2), _traj("a", 0.0, 2)]
+    adv = group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    stats = batch_statistics(trajs, adv, current_version=2)
+    assert math.isnan(stats[M.REWARD_REPLAYED_MEAN])
+    assert stats[M.POLICY_VERSION_LAG_MAX] == 0 and stats[M.BUFFER_REPLAYED_FRACTION] == 0
