@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("opgrpo")
@@ -27,6 +29,7 @@ def _cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
+    from diffusers.utils import logging as diffusers_logging
     from rich.progress import Progress
 
     from opgrpo.images import save_grid
@@ -34,6 +37,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from opgrpo.prompts import load_prompts
     from opgrpo.sampling import SamplingSpec, sample_ode, sample_trajectories, trajectory_seed
 
+    diffusers_logging.disable_progress_bar()
     check_model_dir(args.model)
     records = load_prompts(args.prompts)[: args.max_prompts]
     policy = FlowPolicy.from_pretrained(args.model)
@@ -104,8 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars and advice are noise on a command line; our own progress shows."""
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

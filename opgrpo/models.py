@@ -66,6 +66,14 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def _dtype_kwarg() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use what it knows."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return "dtype" if renamed else "torch_dtype"
+
+
 class FlowPolicy:
     """Velocity model + text encoders + decoder of one SD3-family pipeline."""
 
@@ -114,7 +122,7 @@ class FlowPolicy:
             if index.get(name, [None])[0] is None
         }
         pipeline = StableDiffusion3Pipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=torch.float32, **absent
+            path, local_files_only=True, **{_dtype_kwarg(): torch.float32}, **absent
         )
         return cls(pipeline, **kwargs)
 
