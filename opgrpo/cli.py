@@ -41,7 +41,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     check_model_dir(args.model)
     records = load_prompts(args.prompts)[: args.max_prompts]
     policy = FlowPolicy.from_pretrained(args.model)
-    size = policy.transformer.config.sample_size * (1 if policy.is_pixel_space else 2)
+    size = policy.default_image_size
     height, width = args.height or size, args.width or size
     images = []
     with Progress(transient=True) as progress:

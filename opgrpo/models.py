@@ -148,9 +148,19 @@ class FlowPolicy:
     def is_pixel_space(self) -> bool:
         return self.vae is None
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (1 for pixel-space models)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        """The image side the transformer was configured for (sample_size latent cells)."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels."""
-        factor = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         patch = self.transformer.config.patch_size
         if height % (factor * patch) or width % (factor * patch):
             raise ValueError(

@@ -22,6 +22,7 @@ def test_loads_real_classes_by_path(policy):
     assert isinstance(policy.pipeline.text_encoder, CLIPTextModelWithProjection)
     assert isinstance(policy.pipeline.text_encoder_3, T5EncoderModel)
     assert policy.latent_shape(32, 32) == (4, 16, 16)
+    assert policy.vae_scale_factor == 2 and policy.default_image_size == 32
 
 
 def test_prompt_embeddings_are_cached_and_match_the_pipeline(policy):
@@ -65,6 +66,7 @@ def test_decode_through_vae_gives_images_in_unit_range(policy):
 def test_pixel_space_model_decodes_by_identity(tiny_pixel_dir):
     policy = FlowPolicy.from_pretrained(tiny_pixel_dir)
     assert policy.is_pixel_space and policy.latent_shape(32, 32) == (3, 32, 32)
+    assert policy.default_image_size == 32
     x = torch.linspace(-1.5, 1.5, 3 * 32 * 32).reshape(1, 3, 32, 32)
     torch.testing.assert_close(policy.decode(x), (x / 2 + 0.5).clamp(0, 1))
 
