@@ -1,0 +1,46 @@
+"""Reward functions behind one registry: `get_reward(name)` returns a scorer.
+
+A scorer maps decoded images (N, 3, H, W) floats in [0, 1] and their prompts to a dict of
+(N,) float arrays; its `key` entry is the reward the trainer uses, the others are logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A registered reward: `score(images, prompts) -> {name: (N,) array}` and its main key."""
+
+    name: str
+    key: str
+    score: Callable[..., dict[str, np.ndarray]]
+    description: str
+
+
+def _shapes_score(images, prompts: list[str]) -> dict[str, np.ndarray]:
+    from actors.rewards.shapes import score_images, to_uint8
+    from opgrpo.shapes.grammar import metadata_for
+
+    return score_images(to_uint8(images), [metadata_for(p) for p in prompts])
+
+
+REGISTRY: dict[str, RewardSpec] = {
+    "shapes": RewardSpec("shapes", "strict", _shapes_score,
+                         "shapes task: 1 if every GenEval-style constraint holds, else 0"),
+    "shapes_partial": RewardSpec("shapes_partial", "partial", _shapes_score,
+                                 "shapes task: fraction of constraints that hold"),
+}
+
+
+def get_reward(name: str) -> RewardSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown reward {name!r} in reward.functions; known: {sorted(REGISTRY)}"
+        ) from None
