@@ -1,12 +1,15 @@
 """The `opgrpo` command line: one subcommand per user task.
 
-Commands available now: `sample` (image grid of a model's samples), `make-tiny-sd3` (a tiny
-random SD3 pipeline of the real classes), `config` (validate and print a resolved config).
+Commands: `sample` (image grid of a model's samples, optionally labelled with a reward), `eval`
+(score ODE samples of a prompt set), `pretrain` (train the shapes base model), `shapes-prompts`
+(write the shapes task's prompt files), `make-tiny-sd3` (a tiny random SD3 pipeline of the real
+classes), `config` (validate and print a resolved config).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -61,8 +64,76 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 )
             images.append(policy.decode(final))
             progress.advance(task)
-    out = save_grid(torch.cat(images), [r.text for r in records], args.out, args.n_per_prompt)
+    images = torch.cat(images)
+    labels = None
+    if args.reward:
+        from actors.rewards import get_reward
+
+        reward = get_reward(args.reward)
+        prompts = [r.text for r in records for _ in range(args.n_per_prompt)]
+        values = reward.score(images, prompts)[reward.key]
+        labels = [f"{reward.key}={v:.2f}" for v in values]
+        print(f"mean {args.reward} {reward.key}: {float(values.mean()):.3f}")
+    out = save_grid(images, [r.text for r in records], args.out, args.n_per_prompt, labels)
     print(f"{len(records)} prompts x {args.n_per_prompt} samples -> {out}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from opgrpo.evaluate import EvalSettings, evaluate
+    from opgrpo.model_card import write_model_card
+    from opgrpo.models import FlowPolicy
+    from opgrpo.pretrain import PretrainSettings, pretrain
+    from opgrpo.prompts import load_prompts
+
+    out = Path(args.out)
+    if (out / "model_index.json").exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds a model; pass --overwrite to replace it")
+    overrides = {"vae_steps": args.vae_steps, "flow_steps": args.flow_steps,
+                 "num_layers": args.layers}
+    settings = PretrainSettings(
+        seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total}"), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        record = pretrain(out, settings, progress)
+        policy = FlowPolicy.from_pretrained(out)
+        records = load_prompts(args.eval_prompts)
+        eval_settings = EvalSettings(n_per_prompt=args.n_per_prompt, seed=args.seed)
+        summary, _, _ = evaluate(policy, records, "shapes", eval_settings, progress)
+    write_model_card(out, record, summary, eval_settings, args.eval_prompts)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from opgrpo.evaluate import EvalSettings, evaluate
+    from opgrpo.models import FlowPolicy, check_model_dir
+    from opgrpo.prompts import load_prompts
+
+    check_model_dir(args.model)
+    records = load_prompts(args.prompts)
+    policy = FlowPolicy.from_pretrained(args.model)
+    settings = EvalSettings(args.n_per_prompt, args.steps, args.guidance, args.seed)
+    with Progress(transient=True) as progress:
+        summary, images, _ = evaluate(policy, records, args.reward, settings, progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_shapes_prompts(args: argparse.Namespace) -> int:
+    from opgrpo.shapes.grammar import split_prompts, write_jsonl
+
+    train, test = split_prompts(seed=args.seed)
+    out = Path(args.out)
+    write_jsonl(train, out / "train_metadata.jsonl")
+    write_jsonl(test, out / "test_metadata.jsonl")
+    print(f"{len(train)} train and {len(test)} test prompts written to {out}")
     return 0
 
 
@@ -91,7 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default=None, help="label each image with this reward")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval", help="ODE-sample a prompt set and score it; prints JSON")
+    p.add_argument("--model", required=True, help="diffusers pipeline directory")
+    p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
+    p.add_argument("--reward", required=True, help="registered reward name, e.g. shapes")
+    p.add_argument("--n-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40, help="ODE steps (Flow-GRPO uses 40)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("pretrain", help="train the shapes base model from scratch (CPU)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--flow-steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--layers", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--eval-prompts", default="configs/shapes/test_metadata.jsonl")
+    p.add_argument("--n-per-prompt", type=int, default=4)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("shapes-prompts", help="write the shapes train/test metadata JSONL")
+    p.add_argument("--out", default="configs/shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_shapes_prompts)
 
     p = sub.add_parser("make-tiny-sd3", help="write a tiny random SD3 pipeline (real classes)")
     p.add_argument("directory")

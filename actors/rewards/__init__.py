@@ -1,15 +1,22 @@
-"""Reward functions behind one registry: `get_reward(name)` returns a scorer.
+"""Reward functions behind one registry: `get_reward(name)` returns a `RewardSpec`.
 
 A scorer maps decoded images (N, 3, H, W) floats in [0, 1] and their prompts to a dict of
 (N,) float arrays; its `key` entry is the reward the trainer uses, the others are logged.
+`summarize` turns per-image scores into the numbers an evaluation reports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def mean_summary(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
+    summary = {name: float(np.mean(values)) for name, values in scores.items()}
+    summary["n_images"] = len(prompts)
+    return summary
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,7 @@ class RewardSpec:
     key: str
     score: Callable[..., dict[str, np.ndarray]]
     description: str
+    summarize: Callable[[dict[str, np.ndarray], list[str]], dict] = field(default=mean_summary)
 
 
 def _shapes_score(images, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -29,11 +37,20 @@ def _shapes_score(images, prompts: list[str]) -> dict[str, np.ndarray]:
     return score_images(to_uint8(images), [metadata_for(p) for p in prompts])
 
 
+def _shapes_summary(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
+    from actors.rewards.shapes import summarize
+    from opgrpo.shapes.grammar import metadata_for
+
+    return summarize(scores, [metadata_for(p) for p in prompts])
+
+
 REGISTRY: dict[str, RewardSpec] = {
     "shapes": RewardSpec("shapes", "strict", _shapes_score,
-                         "shapes task: 1 if every GenEval-style constraint holds, else 0"),
+                         "shapes task: 1 if every GenEval-style constraint holds, else 0",
+                         _shapes_summary),
     "shapes_partial": RewardSpec("shapes_partial", "partial", _shapes_score,
-                                 "shapes task: fraction of constraints that hold"),
+                                 "shapes task: fraction of constraints that hold",
+                                 _shapes_summary),
 }
 
 
