@@ -32,9 +32,9 @@ It is deliberately mediocre at composition so that RL (OP-GRPO) has room to impr
 
 ## Components
 - `transformer`: `SD3Transformer2DModel`, {settings['num_layers']} layers, {settings['num_heads']}
-  heads of 32, patch size 1 on 8 x 8 x 4 latents (64 image tokens); {params['transformer']:,}
+  heads of 32, patch size 1 on 8 x 8 x 8 latents (64 image tokens); {params['transformer']:,}
   parameters.
-- `vae`: `AutoencoderKL`, 32 x 32 x 3 <-> 8 x 8 x 4; {params['vae']:,} parameters.
+- `vae`: `AutoencoderKL`, 32 x 32 x 3 <-> 8 x 8 x 8; {params['vae']:,} parameters.
 - `text_encoder`, `text_encoder_2`: `CLIPTextModelWithProjection` (3 layers, width 64),
   {params['text_encoder']:,} parameters each, trained jointly with the transformer; a
   word-level CLIP BPE tokenizer built from the grammar (16 tokens). No T5.

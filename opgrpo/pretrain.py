@@ -35,7 +35,7 @@ class PretrainSettings:
     vae_steps: int = 1200
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
-    flow_steps: int = 4000
+    flow_steps: int = 6000
     flow_lr: float = 5e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999

@@ -2,7 +2,7 @@
 
 - two `CLIPTextModelWithProjection` text encoders with a word-level CLIP BPE tokenizer trained
   here on the grammar's prompts (16 tokens per prompt); no T5 (SD3 runs without it);
-- an `AutoencoderKL` that maps 32 x 32 x 3 images to 8 x 8 x 4 latents;
+- an `AutoencoderKL` that maps 32 x 32 x 3 images to 8 x 8 x 8 latents;
 - an `SD3Transformer2DModel` on those latents with patch size 1 (64 image tokens).
 
 Why a latent model: a pixel-space model this small, trained for minutes, leaves speckle on flat
@@ -20,7 +20,7 @@ TEXT_TOKENS = 16
 CLIP_HIDDEN = 64
 CLIP_PROJECTION = 32
 JOINT_DIM = 2 * CLIP_HIDDEN  # SD3 concatenates the two CLIP encoders' hidden states
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 8
 
 
 def build_word_tokenizer():
