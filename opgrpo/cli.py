@@ -89,19 +89,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from opgrpo.prompts import load_prompts
 
     out = Path(args.out)
-    if (out / "model_index.json").exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} already holds a model; pass --overwrite to replace it")
-    overrides = {"vae_steps": args.vae_steps, "flow_steps": args.flow_steps,
-                 "num_layers": args.layers}
-    settings = PretrainSettings(
-        seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
-    )
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total}"), TimeElapsedColumn())
+    records = load_prompts(args.eval_prompts)  # fail before an hour of training, not after
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns) as progress:
-        record = pretrain(out, settings, progress)
+        if args.evaluate_only:
+            record_file = out / "pretrain_record.json"
+            if not record_file.is_file():
+                raise FileNotFoundError(f"{record_file} is missing: {out} was not pretrained")
+            record = json.loads(record_file.read_text())
+        else:
+            if (out / "model_index.json").exists() and not args.overwrite:
+                raise SystemExit(f"error: {out} already holds a model; pass --overwrite")
+            overrides = {"vae_steps": args.vae_steps, "flow_steps": args.flow_steps,
+                         "num_layers": args.layers}
+            settings = PretrainSettings(
+                seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
+            )
+            record = pretrain(out, settings, progress)
         policy = FlowPolicy.from_pretrained(out)
-        records = load_prompts(args.eval_prompts)
         eval_settings = EvalSettings(n_per_prompt=args.n_per_prompt, seed=args.seed)
         summary, _, _ = evaluate(policy, records, "shapes", eval_settings, progress)
     write_model_card(out, record, summary, eval_settings, args.eval_prompts)
@@ -184,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", default="configs/shapes/test_metadata.jsonl")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-evaluate an existing pretrained model and rewrite its card")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("shapes-prompts", help="write the shapes train/test metadata JSONL")

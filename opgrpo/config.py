@@ -36,7 +36,9 @@ class ModelConfig(_Section):
     )
     height: int = Field(512, ge=8, description="Image height in pixels.")
     width: int = Field(512, ge=8, description="Image width in pixels.")
-    max_sequence_length: int = Field(77, ge=1, description="T5 tokens per prompt.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="T5 tokens per prompt; unset = the model directory's setting."
+    )
 
 
 class SamplingConfig(_Section):

@@ -22,6 +22,10 @@ from opgrpo.sde import sigma_grid
 
 log = logging.getLogger(__name__)
 
+# Optional file in a model directory with the settings the model was trained for (e.g. the
+# shapes model was trained with one zero T5 token, not diffusers' default of 256).
+MODEL_DEFAULTS_FILE = "opgrpo_model.json"
+DEFAULT_MAX_SEQUENCE_LENGTH = 77
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -74,6 +78,17 @@ def _dtype_kwarg() -> str:
     return "dtype" if renamed else "torch_dtype"
 
 
+def model_defaults(path: str | Path) -> dict:
+    """The model directory's opgrpo_model.json (settings it was trained for), or {}."""
+    file = Path(path) / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+
+
 class FlowPolicy:
     """Velocity model + text encoders + decoder of one SD3-family pipeline."""
 
@@ -86,7 +101,7 @@ class FlowPolicy:
         lora_alpha: float | None = None,
         lora_target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
         keep_reference: bool = False,
-        max_sequence_length: int = 77,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -110,11 +125,21 @@ class FlowPolicy:
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> FlowPolicy:
-        """Load a local diffusers SD3 pipeline directory (nothing is downloaded)."""
+    def from_pretrained(
+        cls, path: str | Path, max_sequence_length: int | None = None, **kwargs
+    ) -> FlowPolicy:
+        """Load a local diffusers SD3 pipeline directory (nothing is downloaded).
+
+        `max_sequence_length` None takes the model directory's own setting (opgrpo_model.json)
+        or DEFAULT_MAX_SEQUENCE_LENGTH.
+        """
         from diffusers import StableDiffusion3Pipeline
 
         path = check_model_dir(path)
+        if max_sequence_length is None:
+            max_sequence_length = model_defaults(path).get(
+                "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH
+            )
         index = json.loads((path / "model_index.json").read_text())
         absent = {
             name: None
@@ -124,7 +149,7 @@ class FlowPolicy:
         pipeline = StableDiffusion3Pipeline.from_pretrained(
             path, local_files_only=True, **{_dtype_kwarg(): torch.float32}, **absent
         )
-        return cls(pipeline, **kwargs)
+        return cls(pipeline, max_sequence_length=max_sequence_length, **kwargs)
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")

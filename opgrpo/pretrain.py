@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opgrpo.models import MODEL_DEFAULTS_FILE
 from opgrpo.shapes.grammar import split_prompts
 from opgrpo.shapes.render import render_batch
 
@@ -81,7 +82,7 @@ def train_vae(vae, rows: list[dict], settings: PretrainSettings, report) -> None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        report("vae", step, {"vae/mse": float(mse)})
+        report("vae", step, {"vae/mse": float(mse.detach())})
     vae.eval()
 
 
@@ -165,7 +166,7 @@ def train_flow(pipeline, prompts: list[str], latents: torch.Tensor, settings, re
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         ema.update(step)
-        report("flow", step, {"flow/loss": float(loss)})
+        report("flow", step, {"flow/loss": float(loss.detach())})
     ema.copy_to_params()
     for m in modules:
         m.eval().requires_grad_(False)
@@ -206,6 +207,10 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings, progress=None) -> 
     metrics_file.close()
     total_seconds = time.time() - started
     pipeline.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    # trained with one zero T5 token and without guidance: record it for every loader
+    (out_dir / MODEL_DEFAULTS_FILE).write_text(
+        json.dumps({"max_sequence_length": 1, "guidance_scale": 1.0}, indent=2) + "\n"
+    )
     record = {
         "settings": asdict(settings),
         "seconds": {"vae": round(vae_seconds, 1), "total": round(total_seconds, 1)},

@@ -1,7 +1,7 @@
 """Components of the shapes base model, all of the real SD3 pipeline classes.
 
-- two `CLIPTextModelWithProjection` text encoders with a word-level CLIP BPE tokenizer trained
-  here on the grammar's prompts (16 tokens per prompt); no T5 (SD3 runs without it);
+- two `CLIPTextModelWithProjection` text encoders with a word-level tokenizer built from the
+  grammar's words (16 tokens per prompt); no T5 (SD3 runs without it);
 - an `AutoencoderKL` that maps 32 x 32 x 3 images to 8 x 8 x 8 latents;
 - an `SD3Transformer2DModel` on those latents with patch size 1 (64 image tokens).
 
@@ -12,46 +12,38 @@ images, and 8 x 8 latents give 64 tokens, which the CPU speed budget of RL can a
 
 from __future__ import annotations
 
-import json
-
-from opgrpo.shapes.grammar import all_prompts
+from opgrpo.shapes.grammar import vocabulary
 
 TEXT_TOKENS = 16
 CLIP_HIDDEN = 64
 CLIP_PROJECTION = 32
 JOINT_DIM = 2 * CLIP_HIDDEN  # SD3 concatenates the two CLIP encoders' hidden states
 LATENT_CHANNELS = 8
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 
 
 def build_word_tokenizer():
-    """A CLIP BPE tokenizer whose merges spell every grammar word as one token."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
+    """A word-level tokenizer over the grammar's words: one token per word, 16 per prompt.
 
-    backend = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    # the same normalisation and pre-tokenisation as CLIPTokenizer, so the merges transfer
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    Built by construction (sorted vocabulary), so every build is identical; a trained BPE
+    assigns ids in an order that varies between runs. CLIP's conventions are kept: a start
+    token, an end token that also pads, lower-casing.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [BOS, EOS, UNK]
+    vocab = {token: index for index, token in enumerate(specials + vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(
-            Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
-                  r"""[\p{N}]|[^\s\p{L}\p{N}]+"""),
-            behavior="removed", invert=True,
-        ),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=EOS,
+        model_max_length=TEXT_TOKENS,
     )
-    backend.train_from_iterator([row["prompt"] for row in all_prompts()], trainer)
-    model = json.loads(backend.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=TEXT_TOKENS)
 
 
 def build_text_encoder(vocab_size: int):
