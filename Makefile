@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench pretrain clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 	  --out out/demo_grid.png --steps 20 --n-per-prompt 4
 	$(VENV)/bin/opgrpo sample --model out/tiny-sd3 --prompts configs/demo_prompts.txt \
 	  --out out/demo_grid_sde.png --steps 10 --n-per-prompt 4 --sde
+
+# Regenerate the shipped shapes base model from scratch (same seed, same model).
+pretrain: install
+	$(VENV)/bin/opgrpo pretrain --out models/shapes-base --seed 0 --overwrite
 
 lint: install
 	$(VENV)/bin/ruff check .

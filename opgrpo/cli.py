@@ -109,8 +109,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             record = pretrain(out, settings, progress)
         policy = FlowPolicy.from_pretrained(out)
         eval_settings = EvalSettings(n_per_prompt=args.n_per_prompt, seed=args.seed)
-        summary, _, _ = evaluate(policy, records, "shapes", eval_settings, progress)
-    write_model_card(out, record, summary, eval_settings, args.eval_prompts)
+        summary, _, scores = evaluate(policy, records, "shapes", eval_settings, progress)
+    write_model_card(out, record, summary, eval_settings, args.eval_prompts,
+                     scores["strict"].tolist())
     print(json.dumps(summary))
     return 0
 

@@ -13,13 +13,15 @@ def _table(per_tag: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(out_dir, record: dict, summary: dict, eval_settings, eval_prompts) -> Path:
-    """Write README.md and eval.json into the model directory."""
+def write_model_card(
+    out_dir, record: dict, summary: dict, eval_settings, eval_prompts, per_image: list[float]
+) -> Path:
+    """Write README.md and eval.json (summary + per-image strict scores, prompt-major)."""
     out_dir = Path(out_dir)
     settings = record["settings"]
     params = record["parameters"]
     eval_record = {"summary": summary, "settings": asdict(eval_settings),
-                   "prompts": str(eval_prompts)}
+                   "prompts": str(eval_prompts), "per_image_strict": per_image}
     (out_dir / "eval.json").write_text(json.dumps(eval_record, indent=2) + "\n")
     command = (f"opgrpo pretrain --out {out_dir.as_posix()} --seed {settings['seed']} "
                f"--vae-steps {settings['vae_steps']} --flow-steps {settings['flow_steps']} "
