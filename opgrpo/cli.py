@@ -19,6 +19,15 @@ from pathlib import Path
 log = logging.getLogger("opgrpo")
 
 
+def _guidance(args: argparse.Namespace) -> float:
+    """--guidance, else the guidance the model directory says it was trained for, else 4.5."""
+    from opgrpo.models import model_defaults
+
+    if args.guidance is not None:
+        return args.guidance
+    return float(model_defaults(args.model).get("guidance_scale", 4.5))
+
+
 def _cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
     from opgrpo.tiny import save_tiny_sd3
 
@@ -42,6 +51,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     diffusers_logging.disable_progress_bar()
     check_model_dir(args.model)
+    args.guidance = _guidance(args)
     records = load_prompts(args.prompts)[: args.max_prompts]
     policy = FlowPolicy.from_pretrained(args.model)
     size = policy.default_image_size
@@ -124,6 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from opgrpo.prompts import load_prompts
 
     check_model_dir(args.model)
+    args.guidance = _guidance(args)
     records = load_prompts(args.prompts)
     policy = FlowPolicy.from_pretrained(args.model)
     settings = EvalSettings(args.n_per_prompt, args.steps, args.guidance, args.seed)
@@ -163,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sde", action="store_true", help="SDE sampling (as in training)")
     p.add_argument("--steps", type=int, default=40, help="sampling steps")
     p.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a")
-    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (1 = off); default: the model's own setting, else 4.5")
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt")
     p.add_argument("--max-prompts", type=int, default=16, help="prompts taken from the file")
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
@@ -178,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", required=True, help="registered reward name, e.g. shapes")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="ODE steps (Flow-GRPO uses 40)")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (1 = off); default: the model's own setting, else 4.5")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 
