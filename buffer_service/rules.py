@@ -109,6 +109,38 @@ _ADMITTED = frozenset(
     }
 )
 
+def decide_admission(
+    reward: float,
+    advantage: float,
+    step: int,
+    stored: BufferEntry | None,
+    lowest: BufferEntry | None,
+    full: bool,
+    gamma: float,
+    admit_min_advantage: float = 0.0,
+) -> AdmissionOutcome:
+    """The admission rule of ALGORITHM.md 4 as one pure decision, shared by every backend.
+
+    Args:
+        stored: the entry already stored for the candidate's prompt, if any.
+        lowest: the lowest-priority entry (needed only when no entry is stored and `full`).
+        full: whether the buffer holds `capacity` entries.
+    """
+    if advantage <= admit_min_advantage:
+        return AdmissionOutcome.REJECTED_LOW_ADVANTAGE
+    if stored is not None:
+        if reward > decayed_priority(stored.reward, step - stored.insert_step, gamma):
+            return AdmissionOutcome.REPLACED_SAME_PROMPT
+        return AdmissionOutcome.REJECTED_NOT_BETTER
+    if not full:
+        return AdmissionOutcome.INSERTED
+    if lowest is None:
+        raise ValueError("a full buffer must pass its lowest-priority entry")
+    if reward > decayed_priority(lowest.reward, step - lowest.insert_step, gamma):
+        return AdmissionOutcome.REPLACED_LOWEST
+    return AdmissionOutcome.REJECTED_FULL
+
+
 # Rebuild the lazy heap once stale items outnumber live ones by this margin, so its size stays
 # O(capacity) and each removal costs O(log capacity) amortised.
 _HEAP_SLACK = 32
@@ -225,27 +257,20 @@ class ReplayBufferRules:
         self._evict_expired(step)
 
         candidate = BufferEntry(prompt_key, float(reward), step, weight_version, payload)
-        if advantage <= self.admit_min_advantage:
-            return self._reject(AdmissionOutcome.REJECTED_LOW_ADVANTAGE)
-
-        if prompt_key in self._entries:
-            if reward > self.priority(prompt_key, step):
-                self._remove(prompt_key)
-                self._store(candidate)
-                return self._admitted(AdmissionOutcome.REPLACED_SAME_PROMPT)
-            return self._reject(AdmissionOutcome.REJECTED_NOT_BETTER)
-
-        if len(self._entries) < self.capacity:
-            self._store(candidate)
-            return self._admitted(AdmissionOutcome.INSERTED)
-
-        lowest = self.lowest_entry()
-        assert lowest is not None  # the buffer is full and capacity > 0
-        if reward > decayed_priority(lowest.reward, step - lowest.insert_step, self.gamma):
+        stored = self._entries.get(prompt_key)
+        full = len(self._entries) >= self.capacity
+        lowest = self.lowest_entry() if stored is None and full else None
+        outcome = decide_admission(
+            reward, advantage, step, stored, lowest, full, self.gamma, self.admit_min_advantage
+        )
+        if not outcome.admitted:
+            return self._reject(outcome)
+        if outcome is AdmissionOutcome.REPLACED_SAME_PROMPT:
+            self._remove(prompt_key)
+        elif outcome is AdmissionOutcome.REPLACED_LOWEST:
             self._remove(lowest.prompt_key)
-            self._store(candidate)
-            return self._admitted(AdmissionOutcome.REPLACED_LOWEST)
-        return self._reject(AdmissionOutcome.REJECTED_FULL)
+        self._store(candidate)
+        return self._admitted(outcome)
 
     def evict_expired(self, step: int) -> list[str]:
         """Remove entries older than ``max_age`` at ``step``; return their prompt keys.
