@@ -62,8 +62,8 @@ def run(config_path: str, iterations: int, overrides: list[str]) -> dict:
             idx = order[start : start + mb]
             batch = MicroBatch.from_trajectories([trajs[i] for i in idx], adv.advantages[idx],
                                                  adv.valid[idx])
-            accumulate_gradients(policy, batch, spec, settings,
-                                 lambda loss: loss.backward())
+            accumulate_gradients(policy, batch, spec, settings, lambda loss: loss.backward(),
+                                 num_micro_batches=-(-len(trajs) // mb))
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),
                                        config.learner.max_grad_norm)
         optimizer.step()

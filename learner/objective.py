@@ -82,11 +82,14 @@ def accumulate_gradients(
     spec: SamplingSpec,
     settings: LossSettings,
     backward: Callable[[torch.Tensor], None],
+    num_micro_batches: int = 1,
 ) -> dict[str, float]:
     """Run forward + `backward` step by step; return the loss statistics averaged over steps.
 
-    The per-step losses are scaled by 1/S so that their gradients add up to the gradient of
-    the full loss mean_i(L_pg) + L_kl of ALGORITHM.md section 3.
+    Each step's loss is divided by S * num_micro_batches, so the gradients of all backward calls
+    of one optimizer step (S per micro-batch) add up to the gradient of the mean over
+    micro-batches of the full loss mean_i(L_pg) + L_kl of ALGORITHM.md section 3. A DeepSpeed
+    `backward` must therefore not scale again (`scale_wrt_gas=False`).
     """
     steps = trained_steps(spec.num_steps, settings.timestep_fraction)
     sigmas = policy.sigmas(spec.num_steps)
@@ -118,7 +121,7 @@ def accumulate_gradients(
             kl_beta=settings.kl_beta,
             off_policy_samples=batch.off_policy_mask.any(dim=1),
         )
-        backward(result.loss / len(steps))
+        backward(result.loss / (len(steps) * num_micro_batches))
         for key, value in result.stats.items():
             totals[key] = totals.get(key, 0.0) + value / len(steps)
     return totals
