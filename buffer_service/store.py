@@ -133,6 +133,19 @@ class RedisBufferStore:
                 tx.execute()
         return expired
 
+    def remove_inserted_after(self, step: int) -> list[str]:
+        """Remove entries inserted after `step`: on resume from a checkpoint at `step`, they
+        belong to steps that will be run again (their ages would be negative)."""
+        later = [k.decode() for k in self.client.zrangebyscore(self._age, f"({step}", "+inf")]
+        if later:
+            with self.client.pipeline(transaction=True) as tx:
+                for key in later:
+                    tx.delete(self._entry_key(key))
+                tx.zrem(self._order, *later)
+                tx.zrem(self._age, *later)
+                tx.execute()
+        return later
+
     def admit(
         self,
         prompt_key: str,

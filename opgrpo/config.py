@@ -76,6 +76,7 @@ class RewardConfig(_Section):
     )
     num_actors: int = Field(1, ge=1, description="Reward actors.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per reward actor.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per reward actor (Ray resource).")
 
 
 class BufferConfig(_Section):
@@ -111,6 +112,7 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     num_ranks: int = Field(1, ge=1, description="Learner ranks (one DeepSpeed process each).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per learner rank (Ray resource).")
 
 
 class TrainConfig(_Section):
@@ -145,6 +147,12 @@ class Config(_Section):
             raise ValueError(
                 f"buffer.truncate_step ({self.buffer.truncate_step}) must be <= "
                 f"sampling.num_steps ({steps})"
+            )
+        groups, ranks = self.rollout.prompts_per_step, self.learner.num_ranks
+        if groups % ranks:
+            raise ValueError(
+                f"rollout.prompts_per_step ({groups}) must be a multiple of learner.num_ranks "
+                f"({ranks}): each rank trains whole groups"
             )
         if self.sampling.noise_level == 0:
             raise ValueError("sampling.noise_level must be > 0 for training (0 has no log-prob)")

@@ -91,3 +91,15 @@ def test_same_decisions_as_the_pure_rules(server):
             assert store.stats() == rules.stats
         finally:
             store.clear()
+
+
+def test_rollback_removes_entries_of_later_steps(server):
+    store = RedisBufferStore(server, "t-rollback", capacity=10, gamma=0.99)
+    try:
+        for i in range(6):
+            store.admit(f"k{i}", 0.5, 1.0, i, i, b"p")
+        assert store.remove_inserted_after(3) == ["k4", "k5"]
+        assert store.keys() == ["k0", "k1", "k2", "k3"]
+        assert store.admit("k9", 0.5, 1.0, 4, 4, b"q") is AdmissionOutcome.INSERTED
+    finally:
+        store.clear()

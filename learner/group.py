@@ -1,0 +1,60 @@
+"""LearnerGroup: K LearnerWorker actors forming one DeepSpeed process group.
+
+Rank 0 picks a free port on its node; the other ranks read it; every rank then joins with
+the rank-0 address before DeepSpeed starts (the OpenRLHF launcher pattern, small). Methods
+returning ObjectRefs end in `_async`; only the driver waits on them.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from learner.worker import LearnerWorker
+from opgrpo.config import Config
+
+
+def split_groups(num_groups: int, num_ranks: int) -> list[list[int]]:
+    """Whole groups per rank, contiguous and as even as possible."""
+    if num_groups % num_ranks:
+        raise ValueError(f"rollout.prompts_per_step ({num_groups}) must be a multiple of "
+                         f"learner.num_ranks ({num_ranks}) so that ranks get whole groups")
+    per = num_groups // num_ranks
+    return [list(range(r * per, (r + 1) * per)) for r in range(num_ranks)]
+
+
+class LearnerGroup:
+    def __init__(self, config: Config, runtime_env: dict | None = None) -> None:
+        self.config = config
+        k = config.learner.num_ranks
+        actor_cls = ray.remote(LearnerWorker)
+        options = {"num_cpus": config.learner.num_cpus, "num_gpus": config.learner.num_gpus,
+                   "runtime_env": runtime_env or {}}
+        data = config.model_dump(mode="json")
+        self.workers = [actor_cls.options(**options).remote(data, rank, k) for rank in range(k)]
+        addr, port = ray.get(self.workers[0].address.remote())
+        self.num_parameters = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
+
+    def train_async(self, chunks: list, shards: list[list[dict]], iteration: int) -> list:
+        """One rank a shard; `chunks` are rollout refs (each rank fetches what it needs)."""
+        refs = []
+        for worker, rows in zip(self.workers, shards):
+            used = sorted({r["chunk"] for r in rows})
+            remap = {c: i for i, c in enumerate(used)}
+            local = [{**r, "chunk": remap[r["chunk"]]} for r in rows]
+            refs.append(worker.train.remote([chunks[c] for c in used], local, iteration))
+        return refs
+
+    def export_weights_async(self):
+        """ObjectRef of rank 0's (weights, version); all ranks join the ZeRO-3 gather."""
+        refs = [w.export_weights.remote() for w in self.workers]
+        return refs[0], refs
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        ray.get([w.save_checkpoint.remote(directory, tag) for w in self.workers])
+
+    def load_checkpoint(self, directory: str, tag: str) -> int:
+        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)

@@ -1,0 +1,166 @@
+"""LearnerWorker: one DeepSpeed ZeRO rank that trains the policy with the OP-GRPO objective.
+
+K workers form the learner group (see `learner.group`). Each holds a `FlowPolicy`; DeepSpeed
+wraps its transformer with a client torch AdamW (no JIT-compiled optimizer, so CPU runs need no
+compiler). Every iteration a rank receives its shard of whole groups as rollout-chunk refs,
+shuffles the trajectories, cuts them into micro-batches and accumulates gradients one denoising
+step at a time; DeepSpeed's gradient accumulation boundary is the end of the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+
+from learner.objective import LossSettings, MicroBatch, accumulate_gradients, trained_steps
+from opgrpo.config import Config
+from opgrpo.models import FlowPolicy
+from opgrpo.sampling import SamplingSpec
+from opgrpo.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def micro_batches_per_rank(config: Config) -> tuple[int, int]:
+    """(trajectories per rank, micro-batches per rank) of one iteration."""
+    total = config.rollout.prompts_per_step * config.rollout.group_size
+    per_rank = total // config.learner.num_ranks
+    return per_rank, -(-per_rank // config.learner.micro_batch_size)
+
+
+def deepspeed_config(config: Config) -> dict:
+    """The DeepSpeed config of a learner rank, derived from the run config."""
+    _, n_micro = micro_batches_per_rank(config)
+    backwards = n_micro * len(trained_steps(config.sampling.num_steps,
+                                            config.learner.timestep_fraction))
+    return {
+        "train_micro_batch_size_per_gpu": config.learner.micro_batch_size,
+        "gradient_accumulation_steps": backwards,
+        "gradient_clipping": config.learner.max_grad_norm,
+        "zero_optimization": {"stage": config.learner.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": config.model.dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    """One learner rank. Call `address` on rank 0, then `setup` on every rank."""
+
+    def __init__(self, config: dict, rank: int, world_size: int) -> None:
+        self.config = Config.model_validate(config)
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+        self.version = 0
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port: the rendezvous of the group (rank 0 only)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the policy and the DeepSpeed engine."""
+        use_gpu = torch.cuda.is_available() and self.config.learner.num_gpus > 0
+        if not use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+                           "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+                           "LOCAL_RANK": "0"})
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        cfg = self.config
+        torch.manual_seed(cfg.run.seed)
+        torch.set_num_threads(max(1, int(os.environ.get("OPGRPO_LEARNER_THREADS", "1"))))
+        self.policy = FlowPolicy.from_pretrained(
+            cfg.model.path, dtype=cfg.model.dtype, lora_rank=cfg.model.lora_rank,
+            lora_alpha=cfg.model.lora_alpha, lora_target_modules=cfg.model.lora_target_modules,
+            keep_reference=cfg.learner.kl_beta > 0 and cfg.model.lora_rank == 0,
+            max_sequence_length=cfg.model.max_sequence_length,
+            device="cuda" if use_gpu else "cpu",
+        )
+        params = self.policy.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=cfg.learner.learning_rate,
+                                      betas=cfg.learner.adam_betas,
+                                      weight_decay=cfg.learner.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.policy.transformer, optimizer=optimizer, config=deepspeed_config(cfg),
+        )
+        self.spec = SamplingSpec.from_config(cfg)
+        self.settings = LossSettings.from_config(cfg)
+        return sum(p.numel() for p in params)
+
+    def train(self, chunks: list, rows: list[dict], iteration: int) -> dict[str, float]:
+        """One optimizer step per pass over this rank's shard.
+
+        chunks: rollout results (object refs or values) this shard draws from.
+        rows: one per trajectory: {chunk, index, advantage, valid}.
+        """
+        import ray
+
+        resolved = [ray.get(c) if isinstance(c, ray.ObjectRef) else c for c in chunks]
+        trajectories: list[Trajectory] = [resolved[r["chunk"]][0][r["index"]] for r in rows]
+        advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
+        valid = torch.tensor([r["valid"] for r in rows], dtype=torch.bool)
+        mb = self.config.learner.micro_batch_size
+        _, n_micro = micro_batches_per_rank(self.config)
+        if -(-len(rows) // mb) != n_micro:
+            raise ValueError(f"rank {self.rank} got {len(rows)} trajectories; expected "
+                             f"{n_micro} micro-batches of {mb}")
+        totals: dict[str, float] = {}
+        rng = random.Random(f"{self.config.run.seed}/{iteration}/{self.rank}")
+        for _ in range(self.config.learner.updates_per_step):
+            order = list(range(len(rows)))
+            rng.shuffle(order)  # ALGORITHM.md 5: shuffle before cutting micro-batches
+            for start in range(0, len(order), mb):
+                idx = order[start : start + mb]
+                batch = MicroBatch.from_trajectories(
+                    [trajectories[i] for i in idx], advantages[idx], valid[idx]
+                )
+                stats = accumulate_gradients(self.policy, batch, self.spec, self.settings,
+                                             self._backward, num_micro_batches=n_micro)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value / n_micro
+        self.version += 1
+        updates = self.config.learner.updates_per_step
+        return {key: value / updates for key, value in totals.items()}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def export_weights(self) -> tuple[dict[str, np.ndarray], int] | None:
+        """Trainable weights (gathered under ZeRO-3) from rank 0; every rank must call."""
+        params = dict(self.policy.transformer.named_parameters())
+        names = [n for n, p in params.items() if p.requires_grad]
+        if self.config.learner.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([params[n] for n in names]):
+                state = {n: params[n].detach().float().cpu().numpy().copy() for n in names}
+        else:
+            state = {n: params[n].detach().float().cpu().numpy().copy() for n in names}
+        return (state, self.version) if self.rank == 0 else None
+
+    def save_checkpoint(self, directory: str, tag: str) -> str:
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version})
+        return tag
+
+    def load_checkpoint(self, directory: str, tag: str) -> int:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        self.version = int(client_state["version"])
+        return self.version
