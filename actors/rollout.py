@@ -78,3 +78,16 @@ class RolloutWorker:
             self.policy, stored, truncate_step, seeds, self.spec, self.version
         )
         return mixed, self._images(mixed)
+
+    def evaluate(
+        self, prompts: list[tuple[str, str]], n_per_prompt: int, num_steps: int,
+        guidance_scale: float, seed: int,
+    ) -> np.ndarray:
+        """ODE samples of (text, key) prompts, prompt-major, as (N, H, W, 3) uint8."""
+        from opgrpo.evaluate import EvalSettings, generate
+        from opgrpo.prompts import PromptRecord
+
+        records = [PromptRecord(key, text) for text, key in prompts]
+        settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed)
+        images = generate(self.policy, records, settings)
+        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

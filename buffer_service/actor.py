@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from buffer_service.store import RedisBufferStore
-from opgrpo.trajectory import Trajectory, encode_trajectories
+from opgrpo.trajectory import Trajectory, decode_trajectories, encode_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ class BufferService:
             outcomes.append(outcome.value)
         return outcomes
 
-    def sample(self, n: int, step: int, seed: int) -> list[dict]:
-        """Up to n stored trajectories: [{prompt_key, payload (Arrow bytes), reward, ...}]."""
+    def sample(self, n: int, step: int, seed: int) -> tuple[list[dict], list[bytes]]:
+        """Up to n stored trajectories as (metadata, Arrow payloads); call with num_returns=2
+        so that the payloads go straight to a rollout actor and the driver reads metadata."""
         entries = self.store.sample(n, step, random.Random(seed))
-        return [{"prompt_key": e.prompt_key, "payload": e.payload, "reward": e.reward,
-                 "insert_step": e.insert_step, "version": e.weight_version} for e in entries]
+        meta = [{"prompt_key": e.prompt_key, "prompt": decode_trajectories(e.payload)[0].prompt,
+                 "reward": e.reward, "insert_step": e.insert_step, "version": e.weight_version}
+                for e in entries]
+        return meta, [e.payload for e in entries]
 
     def evict_expired(self, step: int) -> int:
         return len(self.store.evict_expired(step))

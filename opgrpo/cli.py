@@ -155,6 +155,30 @@ def _cmd_shapes_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from opgrpo.train import train
+
+    summary = train(args.config, args.set, args.resume, args.address)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors.pool import NAMESPACE, control_name
+
+    value = args.rollout if args.rollout == "auto" else int(args.rollout)
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    try:
+        control = ray.get_actor(control_name(args.run), namespace=NAMESPACE)
+    except ValueError:
+        raise SystemExit(f"error: no running job with run.name={args.run!r} on this cluster")
+    ray.get(control.set_rollout.remote(value))
+    print(f"run {args.run}: rollout actors -> {value} from the next iteration")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from opgrpo.config import dump_config, load_config
 
@@ -220,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vae", action="store_true", help="pixel-space transformer, no VAE")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_make_tiny_sd3)
+
+    p = sub.add_parser("train", help="train with OP-GRPO on Ray (local or --address)")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("scale", help="change the rollout actors of a running job")
+    p.add_argument("--rollout", required=True, help="number of actors, or 'auto'")
+    p.add_argument("--run", required=True, help="run.name of the job")
+    p.add_argument("--address", default=None, help="Ray cluster (default: auto)")
+    p.set_defaults(func=_cmd_scale)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", default=None, help="YAML config file (default: built-ins)")

@@ -1,0 +1,161 @@
+"""The training driver (`opgrpo train`): one synchronous OP-GRPO iteration after another.
+
+Per iteration (ARCHITECTURE.md, "One iteration"):
+1. prompts: (1 - rho) from the dataset, rho from the replay buffer;
+2. rollout actors draw fresh groups, and mixed trajectories for replayed prompts;
+3. reward actors score each rollout chunk as soon as it is done (its images arrive by ref);
+4. the driver computes advantages and offers each group's best to the buffer actor;
+5. learner ranks train on whole groups; 6. rank 0's weights go to the rollout actors.
+Trajectories stay in Ray's object store; the driver only handles rewards and metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from actors.reward import TOTAL
+from learner.advantages import group_advantages
+from opgrpo.config import Config
+from opgrpo.prompts import PromptRecord
+from opgrpo.sampling import trajectory_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleInfo:
+    """What the driver knows of one trajectory: where it lives and how it scored."""
+
+    chunk: int
+    index: int
+    group: int
+    prompt_key: str
+    replayed: bool
+    behaviour_version: int
+    reward: float = float("nan")
+
+
+@dataclass
+class Rollout:
+    """One iteration's rollout: chunk refs, their rows, and per-chunk reward refs."""
+
+    trajectories: list  # ObjectRef per chunk: list[Trajectory]
+    images: list  # ObjectRef per chunk: (N, H, W, 3) uint8
+    rewards: list  # ObjectRef per chunk: {name: (N,)}
+    samples: list[SampleInfo]
+    prompts: list[PromptRecord]
+
+
+def choose_prompts(records: list[PromptRecord], n: int, seed: int, step: int,
+                   exclude: set[str]) -> list[PromptRecord]:
+    """n distinct dataset prompts for `step`, not among `exclude` (replayed ones)."""
+    rng = np.random.default_rng([seed, step])
+    pool = [r for r in records if r.key not in exclude]
+    if n > len(pool):
+        raise ValueError(f"train.prompts_file has {len(pool)} usable prompts; "
+                         f"rollout.prompts_per_step needs {n}")
+    return [pool[i] for i in rng.choice(len(pool), n, replace=False)]
+
+
+class Iteration:
+    """Launches the work of one iteration on the actor pools (no waiting on hot paths)."""
+
+    def __init__(self, config: Config, rollout_pool, reward_pool, buffer) -> None:
+        self.config, self.rollout, self.reward, self.buffer = (
+            config, rollout_pool, reward_pool, buffer)
+
+    def launch(self, step: int, dataset: list[PromptRecord], version: int) -> Rollout:
+        cfg = self.config
+        group, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+        n_replay = round(cfg.buffer.off_policy_fraction * n_prompts)
+        replay_meta, payload_ref = [], None
+        if n_replay:
+            meta_ref, payload_ref = self.buffer.sample.options(num_returns=2).remote(
+                n_replay, step, trajectory_seed(cfg.run.seed, "buffer", step))
+            replay_meta = ray.get(meta_ref)
+        replayed = [PromptRecord(m["prompt_key"], m["prompt"]) for m in replay_meta]
+        fresh = choose_prompts(dataset, n_prompts - len(replayed), cfg.run.seed, step,
+                               {r.key for r in replayed})
+        prompts = replayed + fresh
+        rows = []  # (group, record, j) of fresh trajectories to draw
+        for g, record in enumerate(prompts):
+            first_fresh = 1 if g < len(replayed) else 0
+            rows += [(g, record, j) for j in range(first_fresh, group)]
+        out = Rollout([], [], [], [], prompts)
+        size = cfg.rollout.chunk_size
+        for c, start in enumerate(range(0, len(rows), size)):
+            part = rows[start : start + size]
+            seeds = [trajectory_seed(cfg.run.seed, step, r.key, j) for _, r, j in part]
+            worker = self.rollout.worker(c)
+            trajs, images = worker.generate.options(num_returns=2).remote(
+                [r.text for _, r, _ in part], [r.key for _, r, _ in part], seeds)
+            self._add_chunk(out, trajs, images, [r.text for _, r, _ in part])
+            out.samples += [SampleInfo(c, i, g, r.key, False, version)
+                            for i, (g, r, _) in enumerate(part)]
+        if replayed:
+            c = len(out.trajectories)
+            seeds = [trajectory_seed(cfg.run.seed, step, r.key, 0) for r in replayed]
+            trajs, images = self.rollout.worker(c).regenerate.options(num_returns=2).remote(
+                payload_ref, cfg.truncate_step, seeds)
+            self._add_chunk(out, trajs, images, [r.text for r in replayed])
+            out.samples += [SampleInfo(c, i, i, r.key, True, int(m["version"]))
+                            for i, (r, m) in enumerate(zip(replayed, replay_meta))]
+        return out
+
+    def _add_chunk(self, out: Rollout, trajs, images, texts: list[str]) -> None:
+        c = len(out.trajectories)
+        out.trajectories.append(trajs)
+        out.images.append(images)
+        out.rewards.append(self.reward.worker(c).score.remote(images, texts))  # pipelined
+
+
+def score(rollout: Rollout) -> dict[str, float]:
+    """Wait for the rewards; fill them into the samples; return per-reward means."""
+    results = ray.get(rollout.rewards)
+    per_name: dict[str, list[float]] = {}
+    for sample in rollout.samples:
+        result = results[sample.chunk]
+        sample.reward = float(result[TOTAL][sample.index])
+        for name, values in result.items():
+            per_name.setdefault(name, []).append(float(values[sample.index]))
+    return {f"reward/{name}": float(np.mean(v)) for name, v in per_name.items() if name != TOTAL}
+
+
+def advantages_of(config: Config, samples: list[SampleInfo]):
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    groups = torch.tensor([s.group for s in samples])
+    return group_advantages(rewards, groups, config.learner.global_std,
+                            config.learner.adv_clip_max)
+
+
+def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
+    """Offer each group's highest-reward trajectory to the buffer (refs, not waited on)."""
+    best: dict[int, int] = {}
+    for i, s in enumerate(samples):
+        if s.group not in best or s.reward > samples[best[s.group]].reward:
+            best[s.group] = i
+    by_chunk: dict[int, list[dict]] = {}
+    for i in best.values():
+        s = samples[i]
+        by_chunk.setdefault(s.chunk, []).append({
+            "index": s.index, "reward": s.reward, "advantage": float(adv.advantages[i]),
+            "step": step})
+    return [buffer.admit.remote(rollout.trajectories[c], cands)
+            for c, cands in sorted(by_chunk.items())]
+
+
+def learner_shards(config: Config, samples, adv) -> list[list[dict]]:
+    from learner.group import split_groups
+
+    shards = []
+    for groups in split_groups(config.rollout.prompts_per_step, config.learner.num_ranks):
+        chosen = set(groups)
+        shards.append([{"chunk": s.chunk, "index": s.index,
+                        "advantage": float(adv.advantages[i]), "valid": bool(adv.valid[i])}
+                       for i, s in enumerate(samples) if s.group in chosen])
+    return shards

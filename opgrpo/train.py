@@ -1,0 +1,252 @@
+"""`opgrpo train`: set up a run (Ray, actors, run directory), loop, checkpoint, resume.
+
+The run directory `runs/<name>/` holds `config.yaml` (resolved), `metrics.jsonl` (one JSON
+object per step), `checkpoints/` (DeepSpeed state + `latest.json`), `samples/` (eval grids),
+`redis/` (the embedded buffer's data) and `eval.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from actors.pool import NAMESPACE, Control, RewardPool, RolloutPool, control_name
+from buffer_service.actor import BufferService
+from learner.group import LearnerGroup
+from learner.stats import batch_statistics
+from opgrpo import metrics as M
+from opgrpo.config import Config, dump_config, load_config
+from opgrpo.driver import (
+    Iteration,
+    admit_winners,
+    advantages_of,
+    learner_shards,
+    mean_stats,
+    score,
+    timed,
+)
+from opgrpo.models import check_model_dir
+from opgrpo.prompts import load_prompts
+
+log = logging.getLogger(__name__)
+
+
+def _absolute(config: Config) -> Config:
+    """Actors may run in another working directory: pass them absolute paths."""
+    data = config.model_dump(mode="json")
+    data["model"]["path"] = str(Path(config.model.path).resolve())
+    return Config.model_validate(data)
+
+
+def runtime_env(config: Config) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if config.learner.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return {"env_vars": env}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False) -> None:
+        self.config, self.run_dir, self.resume = config, run_dir, resume
+        if not config.model.path:
+            raise ValueError("model.path is not set: point it at a diffusers model directory")
+        check_model_dir(config.model.path)
+        if config.train.prompts_file is None:
+            raise ValueError("train.prompts_file is not set: point it at a prompt file")
+        self.dataset = load_prompts(config.train.prompts_file)
+        self.eval_prompts = (load_prompts(config.train.eval_prompts_file)
+                             if config.train.eval_prompts_file else [])
+        self.config = _absolute(config)
+
+    # ----- setup ---------------------------------------------------------------------------
+    def start_actors(self) -> None:
+        cfg, env = self.config, runtime_env(self.config)
+        self.control = ray.remote(Control).options(
+            name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
+            num_cpus=0).remote()
+        self.buffer = ray.remote(BufferService).options(num_cpus=0, runtime_env=env).remote(
+            cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
+            cfg.sampling.latent_storage_dtype)
+        self.learners = LearnerGroup(cfg, env)
+        self.rollout = RolloutPool(cfg, env)
+        self.rewards = RewardPool(cfg, env)
+        self.rollout.resize(self._requested_rollout())
+
+    def _requested_rollout(self) -> int:
+        asked = ray.get(self.control.get_rollout.remote())
+        return self.rollout.target_size(asked if asked is not None
+                                        else self.config.rollout.num_actors)
+
+    def _sync_weights(self) -> int:
+        state_ref, all_refs = self.learners.export_weights_async()
+        ray.get(all_refs)
+        weights_ref = ray.put(ray.get(state_ref))
+        version = self.version
+        self.rollout.set_weights(weights_ref, version)
+        return version
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, step: int) -> None:
+        directory = self.run_dir / "checkpoints"
+        tag = f"step{step}"
+        self.learners.save_checkpoint(str(directory.resolve()), tag)
+        ray.get(self.buffer.flush.remote())
+        _write_json_atomic(directory / "latest.json",
+                           {"step": step, "tag": tag, "version": self.version})
+
+    def restore(self) -> int:
+        """Load the latest checkpoint; returns the first step to run."""
+        latest = self.run_dir / "checkpoints" / "latest.json"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{latest} is missing: no checkpoint to resume from")
+        state = json.loads(latest.read_text())
+        self.version = self.learners.load_checkpoint(
+            str((self.run_dir / "checkpoints").resolve()), state["tag"])
+        dropped = ray.get(self.buffer.rollback_to.remote(state["step"]))
+        self._truncate_metrics(state["step"])
+        log.info("resumed at step %d (dropped %d newer buffer entries)", state["step"], dropped)
+        return state["step"] + 1
+
+    def _truncate_metrics(self, last_step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= last_step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    # ----- evaluation ----------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict:
+        from actors.rewards import get_reward
+        from opgrpo.images import save_grid
+
+        cfg = self.config
+        name = next(iter(cfg.reward.functions))  # the first reward is the evaluation metric
+        prompts = [(r.text, r.key) for r in self.eval_prompts]
+        n = 2
+        images = ray.get(self.rollout.worker(0).evaluate.remote(
+            prompts, n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
+            cfg.run.seed))
+        spec = get_reward(name)
+        texts = [t for t, _ in prompts for _ in range(n)]
+        floats = images.astype(np.float32).transpose(0, 3, 1, 2) / 255
+        scores = spec.score(floats, texts)
+        summary = spec.summarize(scores, texts)
+        shown = min(8, len(prompts)) * n
+        labels = [f"{spec.key}={v:.0f}" for v in scores[spec.key][:shown]]
+        save_grid(torch.from_numpy(floats[:shown]), [t for t, _ in prompts[: shown // n]],
+                  self.run_dir / "samples" / f"step{step:05d}.png", n, labels)
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **summary}) + "\n")
+        return summary
+
+    # ----- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.start_actors()
+        self.version = 0
+        first = self.restore() if self.resume else 1
+        self._sync_weights()
+        iteration = Iteration(cfg, self.rollout, self.rewards, self.buffer)
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        summary = {}
+        if not self.resume and self.eval_prompts:
+            summary["eval_before"] = self.evaluate(0)
+        columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        with Progress(*columns) as progress:
+            task = progress.add_task("train", total=cfg.train.num_steps, completed=first - 1,
+                                     info="")
+            for step in range(first, cfg.train.num_steps + 1):
+                row = self.step(iteration, step)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                progress.update(task, completed=step, info=(
+                    f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
+                    f"{row['time/iteration']:.1f}s/it  actors {row['actors/rollout']}"))
+                if self.eval_prompts and step % cfg.train.eval_every == 0:
+                    summary["eval_last"] = self.evaluate(step)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
+                    self.checkpoint(step)
+        metrics_file.close()
+        return summary
+
+    def step(self, iteration: Iteration, step: int) -> dict:
+        cfg, timings = self.config, {}
+        start = time.perf_counter()
+        self.rollout.resize(self._requested_rollout())
+        with timed("rollout", timings):
+            rollout = iteration.launch(step, self.dataset, self.version)
+            ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
+        with timed("reward", timings):
+            reward_means = score(rollout)
+        samples = rollout.samples
+        adv = advantages_of(cfg, samples)
+        with timed("buffer", timings):
+            admitted = admit_winners(self.buffer, rollout, samples, adv, step)
+            outcomes = [o for chunk in ray.get(admitted) for o in chunk]
+            buffer_stats = ray.get(self.buffer.stats.remote())
+        with timed("train", timings):
+            shards = learner_shards(cfg, samples, adv)
+            stats = mean_stats(ray.get(
+                self.learners.train_async(rollout.trajectories, shards, step)))
+        self.version += 1
+        with timed("weight_sync", timings):
+            self._sync_weights()
+        elapsed = time.perf_counter() - start
+        row = {"step": step, "version": self.version, **stats, **reward_means,
+               **batch_statistics(samples, adv, self.version - 1), **timings,
+               "time/iteration": elapsed, "images_per_s": len(samples) / elapsed,
+               M.BUFFER_SIZE: buffer_stats["size"],
+               M.BUFFER_ADMISSIONS: buffer_stats["admissions"],
+               M.BUFFER_REPLACEMENTS: buffer_stats["replacements"],
+               M.BUFFER_EVICTIONS: buffer_stats["evictions"],
+               "buffer/admitted_this_step": sum(o in ("inserted", "replaced_same_prompt",
+                                                      "replaced_lowest") for o in outcomes),
+               "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks}
+        return row
+
+    def shutdown(self) -> None:
+        for part in ("rollout", "rewards", "learners"):
+            if hasattr(self, part):
+                getattr(self, part).shutdown()
+        if hasattr(self, "buffer"):
+            ray.get(self.buffer.shutdown.remote())
+
+
+def train(config_path: str | None, overrides: list[str], resume: str | None,
+          address: str | None) -> dict:
+    """Entry point of `opgrpo train`; works the same under `ray job submit`."""
+    if resume:
+        run_dir = Path(resume)
+        config = load_config(run_dir / "config.yaml", overrides)
+    else:
+        config = load_config(config_path, overrides)
+        run_dir = Path(config.run.output_dir) / config.run.name
+        if (run_dir / "checkpoints" / "latest.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume "
+                                  f"{run_dir} or choose another run.name")
+    trainer = Trainer(config, run_dir, resume=bool(resume))  # validates files before Ray
+    address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+             **({} if address else {"include_dashboard": False}))
+    try:
+        return trainer.run()
+    finally:
+        trainer.shutdown()
