@@ -173,7 +173,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     try:
         control = ray.get_actor(control_name(args.run), namespace=NAMESPACE)
     except ValueError:
-        raise SystemExit(f"error: no running job with run.name={args.run!r} on this cluster")
+        raise SystemExit(f"error: no running job with run.name={args.run!r} here") from None
     ray.get(control.set_rollout.remote(value))
     print(f"run {args.run}: rollout actors -> {value} from the next iteration")
     return 0
