@@ -179,6 +179,14 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from opgrpo.report import report
+
+    out = report(args.runs, args.out or Path(args.runs[0]) / "report.png")
+    print(f"report written to {out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from opgrpo.config import dump_config, load_config
 
@@ -257,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run.name of the job")
     p.add_argument("--address", default=None, help="Ray cluster (default: auto)")
     p.set_defaults(func=_cmd_scale)
+
+    p = sub.add_parser("report", help="plot reward/accuracy curves and timings to PNG")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN/report.png)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", default=None, help="YAML config file (default: built-ins)")
