@@ -45,7 +45,7 @@ class LearnerGroup:
         return refs
 
     def export_weights_async(self):
-        """ObjectRef of rank 0's (weights, version); all ranks join the ZeRO-3 gather."""
+        """ObjectRef of rank 0's weights, and all ranks' refs (they join the ZeRO-3 gather)."""
         refs = [w.export_weights.remote() for w in self.workers]
         return refs[0], refs
 

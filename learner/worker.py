@@ -143,7 +143,7 @@ class LearnerWorker:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # a no-op except at the accumulation boundary
 
-    def export_weights(self) -> tuple[dict[str, np.ndarray], int] | None:
+    def export_weights(self) -> dict[str, np.ndarray] | None:
         """Trainable weights (gathered under ZeRO-3) from rank 0; every rank must call."""
         params = dict(self.policy.transformer.named_parameters())
         names = [n for n, p in params.items() if p.requires_grad]
@@ -154,7 +154,7 @@ class LearnerWorker:
                 state = {n: params[n].detach().float().cpu().numpy().copy() for n in names}
         else:
             state = {n: params[n].detach().float().cpu().numpy().copy() for n in names}
-        return (state, self.version) if self.rank == 0 else None
+        return state if self.rank == 0 else None
 
     def save_checkpoint(self, directory: str, tag: str) -> str:
         self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version})

@@ -11,7 +11,9 @@ Trajectories stay in Ray's object store; the driver only handles rewards and met
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,3 +161,19 @@ def learner_shards(config: Config, samples, adv) -> list[list[dict]]:
                         "advantage": float(adv.advantages[i]), "valid": bool(adv.valid[i])}
                        for i, s in enumerate(samples) if s.group in chosen])
     return shards
+
+
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Average the learner ranks' statistics key by key (NaN-aware)."""
+    keys = rows[0].keys() if rows else []
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+
+
+@contextlib.contextmanager
+def timed(name: str, timings: dict[str, float]):
+    """Record the seconds spent in the block as timings['time/<name>']."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[f"time/{name}"] = time.perf_counter() - start

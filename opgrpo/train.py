@@ -92,11 +92,9 @@ class Trainer:
 
     def _sync_weights(self) -> int:
         state_ref, all_refs = self.learners.export_weights_async()
-        ray.get(all_refs)
-        weights_ref = ray.put(ray.get(state_ref))
-        version = self.version
-        self.rollout.set_weights(weights_ref, version)
-        return version
+        ray.wait(all_refs, num_returns=len(all_refs))
+        self.rollout.set_weights(state_ref, self.version)  # straight from rank 0's store
+        return self.version
 
     # ----- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, step: int) -> None:
@@ -157,12 +155,7 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.start_actors()
-        self.version = 0
-        first = self.restore() if self.resume else 1
-        self._sync_weights()
+        first = self.prepare()
         iteration = Iteration(cfg, self.rollout, self.rewards, self.buffer)
         metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         summary = {}
@@ -186,6 +179,16 @@ class Trainer:
                     self.checkpoint(step)
         metrics_file.close()
         return summary
+
+    def prepare(self) -> int:
+        """Run directory, actors, restored state, first weight sync; returns the first step."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self.start_actors()
+        self.version = 0
+        first = self.restore() if self.resume else 1
+        self._sync_weights()
+        return first
 
     def step(self, iteration: Iteration, step: int) -> dict:
         cfg, timings = self.config, {}
