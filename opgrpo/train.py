@@ -92,7 +92,7 @@ class Trainer:
 
     def _sync_weights(self) -> int:
         state_ref, all_refs = self.learners.export_weights_async()
-        ray.wait(all_refs, num_returns=len(all_refs))
+        ray.get(all_refs[1:])  # other ranks only join the gather; their errors surface here
         self.rollout.set_weights(state_ref, self.version)  # straight from rank 0's store
         return self.version
 
