@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	test -f out/tiny-sd3/model_index.json || $(VENV)/bin/opgrpo make-tiny-sd3 out/tiny-sd3
-	$(VENV)/bin/opgrpo sample --model out/tiny-sd3 --prompts configs/demo_prompts.txt \
-	  --out out/demo_grid.png --steps 20 --n-per-prompt 4
-	$(VENV)/bin/opgrpo sample --model out/tiny-sd3 --prompts configs/demo_prompts.txt \
-	  --out out/demo_grid_sde.png --steps 10 --n-per-prompt 4 --sde
+	$(VENV)/bin/opgrpo eval --model models/shapes-base \
+	  --prompts configs/shapes/test_metadata.jsonl --reward shapes
+	$(VENV)/bin/opgrpo sample --model models/shapes-base \
+	  --prompts configs/shapes/test_metadata.jsonl --out out/shapes_base.png \
+	  --reward shapes --n-per-prompt 4 --max-prompts 12
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install

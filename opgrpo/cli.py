@@ -93,7 +93,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from opgrpo.evaluate import EvalSettings, evaluate
-    from opgrpo.model_card import write_model_card
+    from opgrpo.images import save_grid
+    from opgrpo.model_card import plot_pretrain_losses, write_model_card
     from opgrpo.models import FlowPolicy
     from opgrpo.pretrain import PretrainSettings, pretrain
     from opgrpo.prompts import load_prompts
@@ -119,9 +120,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             record = pretrain(out, settings, progress)
         policy = FlowPolicy.from_pretrained(out)
         eval_settings = EvalSettings(n_per_prompt=args.n_per_prompt, seed=args.seed)
-        summary, _, scores = evaluate(policy, records, "shapes", eval_settings, progress)
+        summary, images, scores = evaluate(policy, records, "shapes", eval_settings, progress)
     write_model_card(out, record, summary, eval_settings, args.eval_prompts,
                      scores["strict"].tolist())
+    plot_pretrain_losses(out)
+    shown = 12 * args.n_per_prompt
+    save_grid(images[:shown], [r.text for r in records[:12]], out / "samples.png",
+              args.n_per_prompt, [f"strict={v:.0f}" for v in scores["strict"][:shown]])
     print(json.dumps(summary))
     return 0
 

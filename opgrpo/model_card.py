@@ -13,6 +13,28 @@ def _table(per_tag: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def plot_pretrain_losses(out_dir) -> Path:
+    """pretrain_loss.png: VAE reconstruction and flow-matching losses against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows = [json.loads(line) for line in (out_dir / "pretrain_metrics.jsonl").open()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, stage, key in ((axes[0], "vae", "vae/mse"), (axes[1], "flow", "flow/loss")):
+        points = [(r["step"], r[key]) for r in rows if r["stage"] == stage]
+        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set(title=f"{stage}: {key}", xlabel="step", yscale="log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "pretrain_loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_model_card(
     out_dir, record: dict, summary: dict, eval_settings, eval_prompts, per_image: list[float]
 ) -> Path:
@@ -39,7 +61,7 @@ It is deliberately mediocre at composition so that RL (OP-GRPO) has room to impr
 - `vae`: `AutoencoderKL`, 32 x 32 x 3 <-> 8 x 8 x 8; {params['vae']:,} parameters.
 - `text_encoder`, `text_encoder_2`: `CLIPTextModelWithProjection` (3 layers, width 64),
   {params['text_encoder']:,} parameters each, trained jointly with the transformer; a
-  word-level CLIP BPE tokenizer built from the grammar (16 tokens). No T5.
+  word-level tokenizer built from the grammar's words (16 tokens). No T5.
 - `scheduler`: `FlowMatchEulerDiscreteScheduler`, shift {settings['scheduler_shift']}.
 - Weights are stored in float16 (the EMA of training); load them in float32.
 
@@ -65,6 +87,10 @@ scored by the rule-based detector (`opgrpo eval --reward shapes`):
   {summary['partial']:.3f}; {summary['n_images']} images.
 
 {_table(summary['per_tag'])}
+
+![samples of the first test prompts with their strict score](samples.png)
+
+Training losses: `pretrain_metrics.jsonl`, plotted in `pretrain_loss.png`.
 
 Reproduce: `opgrpo eval --model {out_dir.as_posix()} --prompts {eval_prompts} --reward shapes
 --n-per-prompt {eval_settings.n_per_prompt} --steps {eval_settings.num_steps} --seed

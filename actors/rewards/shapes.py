@@ -25,8 +25,8 @@ from opgrpo.shapes.render import BACKGROUND, PALETTE, relation_holds
 
 COLOR_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float32)  # index 0: background
-SQUARE_MIN_FILL = 0.88
-TRIANGLE_TOP_RATIO = 0.6
+SQUARE_MIN_FILL = 0.86
+TRIANGLE_TOP_RATIO = 0.45
 
 
 @dataclass(frozen=True)
