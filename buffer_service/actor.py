@@ -63,14 +63,13 @@ class BufferService:
         )
         self.latent_dtype = latent_dtype
 
-    def admit(self, chunk: tuple[list[Trajectory], object], candidates: list[dict]) -> list[str]:
+    def admit(self, trajectories: list[Trajectory], candidates: list[dict]) -> list[str]:
         """Offer group winners of one rollout chunk.
 
-        `chunk` is the rollout result (trajectories, images), passed as an object ref and
-        resolved by Ray; each candidate names `index` in the chunk, `reward`, `advantage`,
-        `step`. Returns the outcome name of each candidate.
+        `trajectories` is the chunk's trajectories, passed as an object ref and resolved by
+        Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`.
+        Returns the outcome name of each candidate.
         """
-        trajectories, _ = chunk
         outcomes = []
         for cand in candidates:
             traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))

@@ -113,7 +113,7 @@ class LearnerWorker:
         import ray
 
         resolved = [ray.get(c) if isinstance(c, ray.ObjectRef) else c for c in chunks]
-        trajectories: list[Trajectory] = [resolved[r["chunk"]][0][r["index"]] for r in rows]
+        trajectories: list[Trajectory] = [resolved[r["chunk"]][r["index"]] for r in rows]
         advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
         valid = torch.tensor([r["valid"] for r in rows], dtype=torch.bool)
         mb = self.config.learner.micro_batch_size
