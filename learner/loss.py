@@ -6,6 +6,7 @@ Shapes: B trajectories in a micro-batch, S trained steps per trajectory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,20 +146,20 @@ def _loss_stats(
     seq_weight: torch.Tensor,
     clip_range: float,
 ) -> dict[str, float]:
-    """The paper's diagnostics over valid samples: clip fractions (all, off-policy), approx KL,
-    and the sequence weights w_i of off-policy samples (logged under every correction, so the
-    ablations show the w_i they ignore)."""
+    """The paper's diagnostics: clip fractions (all, off-policy) and approx KL over valid
+    samples; the sequence weights w_i of every off-policy sample (NaN when there is none),
+    logged under every correction so that the ablations show the w_i they ignore."""
     clipped = ((ratio - 1.0).abs() > clip_range).float()
     off_valid = off_policy_samples & valid
     log_ratio = new_logprobs.detach() - anchor
-    off_weights = seq_weight[off_valid]
+    off_weights = seq_weight[off_policy_samples]  # masked groups too: w_i is a diagnostic
     return {
         M.LOSS_CLIPFRAC: _masked_mean(clipped, valid),
         M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped, off_valid),
         M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, valid),
         M.LOSS_RATIO_MEAN: _masked_mean(ratio, valid),
-        M.LOSS_SEQ_WEIGHT_MEAN: float(off_weights.mean()) if off_weights.numel() else 1.0,
-        M.LOSS_SEQ_WEIGHT_MAX: float(off_weights.max()) if off_weights.numel() else 1.0,
+        M.LOSS_SEQ_WEIGHT_MEAN: float(off_weights.mean()) if off_weights.numel() else math.nan,
+        M.LOSS_SEQ_WEIGHT_MAX: float(off_weights.max()) if off_weights.numel() else math.nan,
     }
 
 

@@ -10,6 +10,7 @@ step at a time; DeepSpeed's gradient accumulation boundary is the end of the sha
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -30,6 +31,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
+
+
+def nan_mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean ignoring NaN (a statistic absent from a micro-batch, e.g. off-policy
+    clip fraction without off-policy samples); NaN only where every row is NaN."""
+    out = {}
+    for key in rows[0] if rows else []:
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out
 
 
 def micro_batches_per_rank(config: Config) -> tuple[int, int]:
@@ -121,7 +132,7 @@ class LearnerWorker:
         if -(-len(rows) // mb) != n_micro:
             raise ValueError(f"rank {self.rank} got {len(rows)} trajectories; expected "
                              f"{n_micro} micro-batches of {mb}")
-        totals: dict[str, float] = {}
+        collected: list[dict[str, float]] = []
         rng = random.Random(f"{self.config.run.seed}/{iteration}/{self.rank}")
         for _ in range(self.config.learner.updates_per_step):
             order = list(range(len(rows)))
@@ -131,13 +142,11 @@ class LearnerWorker:
                 batch = MicroBatch.from_trajectories(
                     [trajectories[i] for i in idx], advantages[idx], valid[idx]
                 )
-                stats = accumulate_gradients(self.policy, batch, self.spec, self.settings,
-                                             self._backward, num_micro_batches=n_micro)
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value / n_micro
+                collected.append(accumulate_gradients(
+                    self.policy, batch, self.spec, self.settings, self._backward,
+                    num_micro_batches=n_micro))
         self.version += 1
-        updates = self.config.learner.updates_per_step
-        return {key: value / updates for key, value in totals.items()}
+        return nan_mean(collected)
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)

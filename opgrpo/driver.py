@@ -163,12 +163,6 @@ def learner_shards(config: Config, samples, adv) -> list[list[dict]]:
     return shards
 
 
-def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Average the learner ranks' statistics key by key (NaN-aware)."""
-    keys = rows[0].keys() if rows else []
-    return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
-
-
 @contextlib.contextmanager
 def timed(name: str, timings: dict[str, float]):
     """Record the seconds spent in the block as timings['time/<name>']."""

@@ -21,6 +21,7 @@ from actors.pool import NAMESPACE, Control, RewardPool, RolloutPool, control_nam
 from buffer_service.actor import BufferService
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
+from learner.worker import nan_mean
 from opgrpo import metrics as M
 from opgrpo.config import Config, dump_config, load_config
 from opgrpo.driver import (
@@ -28,7 +29,6 @@ from opgrpo.driver import (
     admit_winners,
     advantages_of,
     learner_shards,
-    mean_stats,
     score,
     timed,
 )
@@ -207,7 +207,7 @@ class Trainer:
             buffer_stats = ray.get(self.buffer.stats.remote())
         with timed("train", timings):
             shards = learner_shards(cfg, samples, adv)
-            stats = mean_stats(ray.get(
+            stats = nan_mean(ray.get(
                 self.learners.train_async(rollout.trajectories, shards, step)))
         self.version += 1
         with timed("weight_sync", timings):

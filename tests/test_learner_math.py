@@ -507,9 +507,16 @@ def test_seq_weight_stats_cover_off_policy_samples_only():
     fresh = loss_inputs(4, 3, seed=11)
     fresh["seq_weight"] = torch.full((4,), 7.0, dtype=F64)
     out = op_grpo_loss(**fresh, clip_range=CLIP)
-    assert out.stats[M.LOSS_SEQ_WEIGHT_MEAN] == 1.0
-    assert out.stats[M.LOSS_SEQ_WEIGHT_MAX] == 1.0
+    assert np.isnan(out.stats[M.LOSS_SEQ_WEIGHT_MEAN])  # no off-policy sample: nothing to log
+    assert np.isnan(out.stats[M.LOSS_SEQ_WEIGHT_MAX])
     assert np.isnan(out.stats[M.LOSS_CLIPFRAC_OFFPOLICY])
+
+    # masked (zero-variance) off-policy samples still report their w_i
+    masked = stale_batch()
+    masked["seq_weight"] = torch.tensor([0.5, 2.0, 1.5, 3.0, 9.0, 9.0, 9.0, 9.0], dtype=F64)
+    masked["sample_mask"] = torch.tensor([False, True, True, True, True, True, True, True])
+    out = op_grpo_loss(**masked, clip_range=CLIP, correction="sequence")
+    assert out.stats[M.LOSS_SEQ_WEIGHT_MEAN] == pytest.approx((0.5 + 2.0 + 1.5 + 3.0) / 4)
 
 
 @pytest.mark.parametrize("bad", ["Sequence", "is", ""])
