@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from opgrpo.config import Config
+from opgrpo.config import Config, torch_threads
 from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec, regenerate_from, sample_trajectories
 from opgrpo.trajectory import Trajectory, decode_trajectories
@@ -27,7 +27,7 @@ class RolloutWorker:
     def __init__(self, config: dict, worker_index: int = 0) -> None:
         self.config = Config.model_validate(config)
         torch.manual_seed(self.config.run.seed)
-        torch.set_num_threads(max(1, int(self.config.rollout.num_cpus)))
+        torch.set_num_threads(torch_threads(self.config, self.config.rollout.num_cpus))
         self.policy = FlowPolicy.from_pretrained(
             self.config.model.path,
             dtype=self.config.model.dtype,

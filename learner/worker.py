@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from learner.objective import LossSettings, MicroBatch, accumulate_gradients, trained_steps
-from opgrpo.config import Config
+from opgrpo.config import Config, torch_threads
 from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec
 from opgrpo.trajectory import Trajectory
@@ -96,7 +96,7 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
         cfg = self.config
         torch.manual_seed(cfg.run.seed)
-        torch.set_num_threads(max(1, int(os.environ.get("OPGRPO_LEARNER_THREADS", "1"))))
+        torch.set_num_threads(torch_threads(cfg, cfg.learner.num_cpus))
         self.policy = FlowPolicy.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, lora_rank=cfg.model.lora_rank,
             lora_alpha=cfg.model.lora_alpha, lora_target_modules=cfg.model.lora_target_modules,

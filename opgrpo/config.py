@@ -128,6 +128,17 @@ class RunConfig(_Section):
     output_dir: str = Field("runs", description="Parent of run directories.")
     seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
     ray_address: str | None = Field(None, description="Ray cluster; unset = local Ray.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per actor; unset = ceil(its num_cpus). On one "
+        "CPU machine the synchronous phases do not overlap, so each may use every core."
+    )
+
+
+def torch_threads(config: Config, num_cpus: float) -> int:
+    """Threads an actor with `num_cpus` CPUs should give torch."""
+    if config.run.torch_threads is not None:
+        return config.run.torch_threads
+    return max(1, math.ceil(num_cpus))
 
 
 class Config(_Section):
