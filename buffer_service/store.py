@@ -123,27 +123,27 @@ class RedisBufferStore:
             return []
         expired = [k.decode() for k in
                    self.client.zrangebyscore(self._age, "-inf", f"({step - self.max_age}")]
-        if expired:
-            with self.client.pipeline(transaction=True) as tx:
-                for key in expired:
-                    tx.delete(self._entry_key(key))
-                tx.zrem(self._order, *expired)
-                tx.zrem(self._age, *expired)
-                tx.hincrby(self._stats, "evictions", len(expired))
-                tx.execute()
+        self._remove_many(expired, count_as="evictions")
         return expired
+
+    def _remove_many(self, keys: list[str], count_as: str | None = None) -> None:
+        """Delete entries and their index members in one transaction."""
+        if not keys:
+            return
+        with self.client.pipeline(transaction=True) as tx:
+            for key in keys:
+                tx.delete(self._entry_key(key))
+            tx.zrem(self._order, *keys)
+            tx.zrem(self._age, *keys)
+            if count_as:
+                tx.hincrby(self._stats, count_as, len(keys))
+            tx.execute()
 
     def remove_inserted_after(self, step: int) -> list[str]:
         """Remove entries inserted after `step`: on resume from a checkpoint at `step`, they
         belong to steps that will be run again (their ages would be negative)."""
         later = [k.decode() for k in self.client.zrangebyscore(self._age, f"({step}", "+inf")]
-        if later:
-            with self.client.pipeline(transaction=True) as tx:
-                for key in later:
-                    tx.delete(self._entry_key(key))
-                tx.zrem(self._order, *later)
-                tx.zrem(self._age, *later)
-                tx.execute()
+        self._remove_many(later)
         return later
 
     def admit(
