@@ -1,0 +1,95 @@
+"""A real Ray cluster on 127.0.0.1 (`ray start --head`): a training job submitted with
+`ray job submit --working-dir .` succeeds, and `opgrpo scale` from another process changes the
+number of rollout actors of the running job."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )
+    try:
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _job_status(cluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the test cluster runs without token auth
+    return str(JobSubmissionClient(cluster["dashboard"]).get_job_status(job_id).value)
+
+
+def test_job_submit_and_scale(cluster, tmp_path):
+    job_id = f"opgrpo-test-{int(time.time())}"
+    overrides = ["train.num_steps=14", "train.eval_prompts_file=null", "run.name=clusterjob",
+                 f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                 "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
+                 "rollout.num_cpus=0.25"]
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--no-wait",
+         "--submission-id", job_id, "--working-dir", str(REPO), "--", "python", "-m",
+         "opgrpo", "train", "--config", "configs/shapes_tiny.yaml",
+         *[arg for o in overrides for arg in ("--set", o)]],
+        env=cluster["env"], capture_output=True, text=True, timeout=300,
+    )
+    assert submit.returncode == 0, submit.stderr
+    metrics = tmp_path / "clusterjob" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while len(_rows(metrics)) < 2:
+        assert time.time() < deadline, "the job wrote no metrics"
+        assert _job_status(cluster, job_id) in ("RUNNING", "PENDING"), "the job ended early"
+        time.sleep(2)
+    scale = subprocess.run(
+        [str(BIN / "opgrpo"), "scale", "--rollout", "2", "--run", "clusterjob", "--address",
+         cluster["gcs"]], env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )
+    assert scale.returncode == 0, scale.stderr
+    while _job_status(cluster, job_id) in ("RUNNING", "PENDING"):
+        assert time.time() < deadline, "the job did not finish"
+        time.sleep(2)
+    assert _job_status(cluster, job_id) == "SUCCEEDED"
+    rows = _rows(metrics)
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert rows[0]["actors/rollout"] == 1 and rows[-1]["actors/rollout"] == 2
+
+
+def test_scale_names_an_unknown_run(cluster):
+    run = subprocess.run(
+        [str(BIN / "opgrpo"), "scale", "--rollout", "2", "--run", "no-such-run", "--address",
+         cluster["gcs"]], env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode != 0 and "no-such-run" in run.stderr
