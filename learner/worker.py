@@ -4,7 +4,8 @@ K workers form the learner group (see `learner.group`). Each holds a `FlowPolicy
 wraps its transformer with a client torch AdamW (no JIT-compiled optimizer, so CPU runs need no
 compiler). Every iteration a rank receives its shard of whole groups as rollout-chunk refs,
 shuffles the trajectories, cuts them into micro-batches and accumulates gradients one denoising
-step at a time; DeepSpeed's gradient accumulation boundary is the end of the shard.
+step at a time; DeepSpeed's gradient accumulation boundary falls every
+micro-batches / optimizer_steps_per_pass micro-batches.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def micro_batches_per_rank(config: Config) -> tuple[int, int]:
 def deepspeed_config(config: Config) -> dict:
     """The DeepSpeed config of a learner rank, derived from the run config."""
     _, n_micro = micro_batches_per_rank(config)
-    backwards = n_micro * len(trained_steps(config.sampling.num_steps,
-                                            config.learner.timestep_fraction))
+    per_update = n_micro // config.learner.optimizer_steps_per_pass
+    backwards = per_update * len(trained_steps(config.sampling.num_steps,
+                                               config.learner.timestep_fraction))
     return {
         "train_micro_batch_size_per_gpu": config.learner.micro_batch_size,
         "gradient_accumulation_steps": backwards,
@@ -116,7 +118,7 @@ class LearnerWorker:
         return sum(p.numel() for p in params)
 
     def train(self, chunks: list, rows: list[dict], iteration: int) -> dict[str, float]:
-        """One optimizer step per pass over this rank's shard.
+        """`optimizer_steps_per_pass` optimizer steps per pass over this rank's shard.
 
         chunks: rollout results (object refs or values) this shard draws from.
         rows: one per trajectory: {chunk, index, advantage, valid}.
@@ -144,7 +146,7 @@ class LearnerWorker:
                 )
                 collected.append(accumulate_gradients(
                     self.policy, batch, self.spec, self.settings, self._backward,
-                    num_micro_batches=n_micro))
+                    num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass))
         self.version += 1
         return nan_mean(collected)
 

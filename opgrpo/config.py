@@ -109,6 +109,10 @@ class LearnerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(8, ge=1, description="Trajectories per forward/backward.")
     updates_per_step: int = Field(1, ge=1, description="Passes over each batch (inner epochs).")
+    optimizer_steps_per_pass: int = Field(
+        1, ge=1, description="Optimizer steps per pass over a batch: after the first, theta "
+        "moves away from pi_old and the clipping has work to do (Flow-GRPO uses 2)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     num_ranks: int = Field(1, ge=1, description="Learner ranks (one DeepSpeed process each).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
@@ -158,6 +162,14 @@ class Config(_Section):
             raise ValueError(
                 f"buffer.truncate_step ({self.buffer.truncate_step}) must be <= "
                 f"sampling.num_steps ({steps})"
+            )
+        per_rank = self.rollout.prompts_per_step * self.rollout.group_size // max(
+            1, self.learner.num_ranks)
+        micro = -(-per_rank // self.learner.micro_batch_size)
+        if micro % self.learner.optimizer_steps_per_pass:
+            raise ValueError(
+                f"learner.optimizer_steps_per_pass ({self.learner.optimizer_steps_per_pass}) "
+                f"must divide the {micro} micro-batches each learner rank gets per iteration"
             )
         groups, ranks = self.rollout.prompts_per_step, self.learner.num_ranks
         if groups % ranks:

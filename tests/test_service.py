@@ -50,10 +50,11 @@ def _learner_weights(trainer):
     return ray.get(state_ref)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_three_steps_end_to_end(ray_session, tmp_path, stage):
-    config = _config(tmp_path, learner={"zero_stage": stage},
-                     run={"name": f"e2e-z{stage}"})
+@pytest.mark.parametrize("stage,updates", [(2, 1), (3, 2)])
+def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates):
+    learner = {"zero_stage": stage, "optimizer_steps_per_pass": updates,
+               "micro_batch_size": 8 // updates}
+    config = _config(tmp_path, learner=learner, run={"name": f"e2e-z{stage}"})
     trainer = Trainer(config, tmp_path / f"e2e-z{stage}")
     try:
         assert trainer.prepare() == 1
@@ -70,7 +71,11 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage):
     finally:
         trainer.shutdown()
     assert [r["version"] for r in rows] == [1, 2, 3]
-    assert abs(rows[0][M.LOSS_RATIO_MEAN] - 1.0) < 1e-4  # on-policy: pi_theta == pi_old
+    if updates == 1:  # on-policy with one update: pi_theta == pi_old throughout
+        assert abs(rows[0][M.LOSS_RATIO_MEAN] - 1.0) < 1e-4
+        assert rows[0][M.LOSS_APPROX_KL] < 1e-8
+    else:  # the second update of the same batch sees theta != pi_old
+        assert rows[0][M.LOSS_APPROX_KL] > 0
     for row in rows:
         for key in (M.REWARD_MEAN, M.LOSS_CLIPFRAC, M.LOSS_APPROX_KL, M.BUFFER_SIZE,
                     M.POLICY_VERSION_LAG_MAX, "time/rollout", "time/train", "time/weight_sync",
