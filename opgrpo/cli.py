@@ -164,7 +164,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from opgrpo.train import train
 
     summary = train(args.config, args.set, args.resume, args.address)
-    print(json.dumps(summary))
+    before, after = summary.get("eval_before"), summary.get("eval_last")
+    print(f"run directory: {summary['run_dir']}")
+    for label, result in (("before training", before), (f"after step {summary['steps']}", after)):
+        if result:
+            shown = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+            print(f"eval {label}: {json.dumps(shown)}")
     return 0
 
 

@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     prompts_file: str | None = Field(None, description="Training prompts (txt or JSONL).")
     eval_prompts_file: str | None = Field(None, description="Evaluation prompts.")
     eval_every: int = Field(25, ge=1)
+    eval_images_per_prompt: int = Field(
+        2, ge=1, description="Images per evaluation prompt (fixed seeds: evals are paired)."
+    )
     checkpoint_every: int = Field(50, ge=1)
 
 

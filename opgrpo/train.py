@@ -133,7 +133,7 @@ class Trainer:
         cfg = self.config
         name = next(iter(cfg.reward.functions))  # the first reward is the evaluation metric
         prompts = [(r.text, r.key) for r in self.eval_prompts]
-        n = 2
+        n = cfg.train.eval_images_per_prompt
         images = ray.get(self.rollout.worker(0).evaluate.remote(
             prompts, n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
             cfg.run.seed))
@@ -173,11 +173,14 @@ class Trainer:
                 progress.update(task, completed=step, info=(
                     f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
                     f"{row['time/iteration']:.1f}s/it  actors {row['actors/rollout']}"))
-                if self.eval_prompts and step % cfg.train.eval_every == 0:
+                if self.eval_prompts and (step % cfg.train.eval_every == 0
+                                          or step == cfg.train.num_steps):
                     summary["eval_last"] = self.evaluate(step)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
                     self.checkpoint(step)
         metrics_file.close()
+        summary["run_dir"] = str(self.run_dir)
+        summary["steps"] = cfg.train.num_steps
         return summary
 
     def prepare(self) -> int:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,21 +24,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_node(env, *args: str) -> subprocess.Popen:
+    """`ray start --block`: this node's processes live exactly as long as the returned process
+    (SIGTERM drains and stops them), so the tests never touch another Ray on the machine."""
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={_free_port()}", "--block", *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_node(node: subprocess.Popen) -> None:
+    node.terminate()
+    try:
+        node.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
+    gcs, dashboard = _free_port(), _free_port()
+    head = _start_node(env, "--head", f"--port={gcs}", "--num-cpus=2",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+        deadline = time.time() + 180
+        while True:  # the job API answers once the head is fully up
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5):
+                    break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up"
+                time.sleep(1)
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": url}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        _stop_node(head)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -93,3 +118,45 @@ def test_scale_names_an_unknown_run(cluster):
          cluster["gcs"]], env=cluster["env"], capture_output=True, text=True, timeout=120,
     )
     assert run.returncode != 0 and "no-such-run" in run.stderr
+
+
+def test_auto_rollout_grows_when_a_node_joins(cluster, tmp_path):
+    """`rollout.num_actors: auto` fills the free CPUs, and a Ray worker node that joins the
+    running job adds rollout actors at the next iteration (the learner keeps running)."""
+    job_id = f"opgrpo-auto-{int(time.time())}"
+    overrides = ["train.num_steps=400", "train.eval_prompts_file=null", "run.name=autojob",
+                 f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                 "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
+                 "rollout.num_actors=auto", "rollout.num_cpus=1", "learner.num_cpus=0.5",
+                 "reward.num_cpus=0.25", "train.checkpoint_every=1000"]
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--no-wait",
+         "--submission-id", job_id, "--working-dir", str(REPO), "--", "python", "-m",
+         "opgrpo", "train", "--config", "configs/shapes_tiny.yaml",
+         *[arg for o in overrides for arg in ("--set", o)]],
+        env=cluster["env"], capture_output=True, text=True, timeout=300,
+    )
+    assert submit.returncode == 0, submit.stderr
+    metrics = tmp_path / "autojob" / "metrics.jsonl"
+    deadline = time.time() + 600
+    worker = None
+    try:
+        while len(_rows(metrics)) < 2:
+            assert time.time() < deadline, "the job wrote no metrics"
+            assert _job_status(cluster, job_id) in ("RUNNING", "PENDING"), "the job ended early"
+            time.sleep(2)
+        # The head has 2 CPUs: learner 0.5 + reward 0.25 leave room for one 1-CPU actor.
+        assert _rows(metrics)[-1]["actors/rollout"] == 1
+        worker = _start_node(cluster["env"], f"--address={cluster['gcs']}", "--num-cpus=1")
+        while not any(r["actors/rollout"] == 2 for r in _rows(metrics)):
+            assert time.time() < deadline, "rollout did not grow onto the new node"
+            assert _job_status(cluster, job_id) == "RUNNING", "the job ended early"
+            time.sleep(2)
+        rows = _rows(metrics)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        assert len({r["actors/learner"] for r in rows}) == 1
+    finally:
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", cluster["dashboard"],
+                        job_id], env=cluster["env"], capture_output=True, timeout=120)
+        if worker is not None:
+            _stop_node(worker)
