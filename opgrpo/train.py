@@ -250,7 +250,9 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
                                   f"{run_dir} or choose another run.name")
     trainer = Trainer(config, run_dir, resume=bool(resume))  # validates files before Ray
     address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+    # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster
+    # that an earlier `ray start` on this machine left in /tmp/ray/ray_current_cluster.
+    ray.init(address=address or "local", namespace=NAMESPACE, log_to_driver=False,
              **({} if address else {"include_dashboard": False}))
     try:
         return trainer.run()

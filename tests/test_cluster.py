@@ -4,9 +4,11 @@ number of rollout actors of the running job."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,12 +26,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_node(env, *args: str) -> subprocess.Popen:
+def _start_node(env, temp_dir: str, *args: str) -> subprocess.Popen:
     """`ray start --block`: this node's processes live exactly as long as the returned process
     (SIGTERM drains and stops them), so the tests never touch another Ray on the machine."""
     return subprocess.Popen(
         [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={_free_port()}", "--block", *args],
+         f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--block",
+         *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -47,7 +50,10 @@ def _stop_node(node: subprocess.Popen) -> None:
 def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dashboard = _free_port(), _free_port()
-    head = _start_node(env, "--head", f"--port={gcs}", "--num-cpus=2",
+    # A private temp dir: the cluster's address file never lands in /tmp/ray, where a later
+    # `ray.init()` on this machine would find it after the cluster is gone.
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
+    head = _start_node(env, temp_dir, "--head", f"--port={gcs}", "--num-cpus=2",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -60,9 +66,10 @@ def cluster():
             except OSError:
                 assert time.time() < deadline, "the Ray head did not come up"
                 time.sleep(1)
-        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": url}
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": url, "temp_dir": temp_dir}
     finally:
         _stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -147,7 +154,8 @@ def test_auto_rollout_grows_when_a_node_joins(cluster, tmp_path):
             time.sleep(2)
         # The head has 2 CPUs: learner 0.5 + reward 0.25 leave room for one 1-CPU actor.
         assert _rows(metrics)[-1]["actors/rollout"] == 1
-        worker = _start_node(cluster["env"], f"--address={cluster['gcs']}", "--num-cpus=1")
+        worker = _start_node(cluster["env"], cluster["temp_dir"],
+                             f"--address={cluster['gcs']}", "--num-cpus=1")
         while not any(r["actors/rollout"] == 2 for r in _rows(metrics)):
             assert time.time() < deadline, "rollout did not grow onto the new node"
             assert _job_status(cluster, job_id) == "RUNNING", "the job ended early"
