@@ -20,12 +20,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: the tiny shapes training on the shipped base model, on an embedded Ray and an
+# embedded Redis. Each run gets its own directory under runs/ (DEMO_RUN=name to choose it).
+DEMO_STEPS ?= 120
+ifndef DEMO_RUN
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+
 demo: install
-	$(VENV)/bin/opgrpo eval --model models/shapes-base \
-	  --prompts configs/shapes/test_metadata.jsonl --reward shapes
-	$(VENV)/bin/opgrpo sample --model models/shapes-base \
-	  --prompts configs/shapes/test_metadata.jsonl --out out/shapes_base.png \
-	  --reward shapes --n-per-prompt 4 --max-prompts 12
+	$(VENV)/bin/opgrpo train --config configs/shapes_tiny.yaml --set run.name=$(DEMO_RUN) \
+	  --set train.num_steps=$(DEMO_STEPS) --set train.eval_every=60
+	$(VENV)/bin/opgrpo report runs/$(DEMO_RUN)
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install
