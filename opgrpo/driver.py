@@ -64,6 +64,19 @@ def choose_prompts(records: list[PromptRecord], n: int, seed: int, step: int,
     return [pool[i] for i in rng.choice(len(pool), n, replace=False)]
 
 
+def replay_count(rho: float, n_prompts: int, seed: int, step: int) -> int:
+    """Prompts of this step drawn from the buffer: rho * n_prompts with stochastic rounding.
+
+    The expected share is exactly rho even when rho * n_prompts is not whole (0.05 of 8 prompts
+    replays one prompt in 40% of the steps instead of never); the draw depends on (seed, step)
+    only. At least one prompt always stays fresh.
+    """
+    expected = rho * n_prompts
+    whole = int(np.floor(expected + 1e-9))
+    extra = np.random.default_rng([seed, step, 7]).random() < expected - whole
+    return min(n_prompts - 1, whole + int(extra))
+
+
 class Iteration:
     """Launches the work of one iteration on the actor pools (no waiting on hot paths)."""
 
@@ -74,7 +87,7 @@ class Iteration:
     def launch(self, step: int, dataset: list[PromptRecord], version: int) -> Rollout:
         cfg = self.config
         group, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
-        n_replay = round(cfg.buffer.off_policy_fraction * n_prompts)
+        n_replay = replay_count(cfg.buffer.off_policy_fraction, n_prompts, cfg.run.seed, step)
         replay_meta, payload_ref = [], None
         if n_replay:
             meta_ref, payload_ref = self.buffer.sample.options(num_returns=2).remote(

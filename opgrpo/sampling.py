@@ -103,6 +103,8 @@ def _run_sde(
         x = out.prev_sample
         latents.append(x)
         logps.append(out.log_prob)
+    if not logps:  # start_step == T (no truncation): nothing to draw
+        return torch.stack(latents, dim=1), start.new_zeros((start.shape[0], 0))
     return torch.stack(latents, dim=1), torch.stack(logps, dim=1)
 
 

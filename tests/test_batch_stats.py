@@ -37,3 +37,15 @@ def test_no_replayed_samples_gives_nan_replayed_reward():
     stats = batch_statistics(trajs, adv, current_version=2)
     assert math.isnan(stats[M.REWARD_REPLAYED_MEAN])
     assert stats[M.POLICY_VERSION_LAG_MAX] == 0 and stats[M.BUFFER_REPLAYED_FRACTION] == 0
+
+
+def test_replay_count_keeps_the_expected_fraction():
+    from opgrpo.driver import replay_count
+
+    assert [replay_count(0.125, 8, 0, step) for step in range(50)] == [1] * 50
+    assert all(replay_count(0.0, 8, 0, step) == 0 for step in range(50))
+    draws = [replay_count(0.05, 8, 3, step) for step in range(4000)]
+    assert set(draws) == {0, 1}
+    assert abs(np.mean(draws) - 0.4) < 0.03  # 0.05 * 8 prompts per step on average
+    assert replay_count(0.05, 8, 3, 17) == replay_count(0.05, 8, 3, 17)  # a function of the step
+    assert replay_count(0.99, 4, 0, 1) == 3  # one prompt always stays fresh

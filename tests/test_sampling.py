@@ -90,6 +90,17 @@ def test_regenerate_keeps_prefix_and_redraws_tail(policy, groups):
         assert new.extras["rollout_version"] == 5.0
 
 
+def test_regenerate_without_truncation_keeps_the_whole_trajectory(policy, groups):
+    """K = T (the paper's "w/o truncation" ablation): every transition is replayed."""
+    steps = SPEC.num_steps
+    mixed = regenerate_from(policy, groups[:2], steps, [1, 2], SPEC, version=1)
+    for old, new in zip(groups[:2], mixed):
+        assert np.array_equal(new.latents, old.latents)
+        assert new.off_policy_mask.all() and len(new.off_policy_mask) == steps
+        assert np.array_equal(new.behaviour_logprobs, old.behaviour_logprobs)
+        np.testing.assert_allclose(new.old_logprobs, old.behaviour_logprobs, atol=1e-5)
+
+
 def test_regenerate_refuses_another_grid(policy, groups):
     spec = SamplingSpec(8, 0.7, 4.5, 32, 32)
     with pytest.raises(ValueError, match="another sigma grid"):

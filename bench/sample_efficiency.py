@@ -1,0 +1,204 @@
+"""Sample efficiency on the shapes task: on-policy GRPO against OP-GRPO, plus ablations.
+
+Every run is a real `opgrpo train` of `configs/shapes_tiny.yaml` (Ray actors, embedded Redis,
+DeepSpeed learner) with the overrides below, evaluated on the test prompts every
+`--eval-every` steps. Runs live in `bench/runs/sample_efficiency/<name>/`; a run that was
+interrupted is resumed from its latest checkpoint, a finished one is skipped, and each finished
+run's curves are saved at once to `bench/results/sample_efficiency/<name>.json`, so the whole
+benchmark can be completed over several sittings (`run` again after a stop).
+
+    python bench/sample_efficiency.py run [--only grpo-s0 opgrpo-s0 ...]   # run/resume
+    python bench/sample_efficiency.py report                               # tables + PNG
+    python bench/sample_efficiency.py list                                 # what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs" / "sample_efficiency"
+RESULTS = ROOT / "bench" / "results" / "sample_efficiency"
+CONFIG = "configs/shapes_tiny.yaml"
+STEPS = 300
+EVAL_EVERY = 25
+SEEDS = (0, 1, 2)
+# Shared by every run: Flow-GRPO's two optimizer steps per batch, so that PPO clipping (and the
+# difference between the corrections) has work to do.
+COMMON = ["learner.optimizer_steps_per_pass=2"]
+
+# name -> overrides. OP-GRPO = the config's defaults (rho 0.125, sequence correction, K=7 of 10).
+RUNS_DEFINED: dict[str, list[str]] = {}
+for seed in SEEDS:
+    RUNS_DEFINED[f"grpo-s{seed}"] = [f"run.seed={seed}", "buffer.off_policy_fraction=0"]
+    RUNS_DEFINED[f"opgrpo-s{seed}"] = [f"run.seed={seed}"]
+RUNS_DEFINED.update({
+    "abl-correction-none-s0": ["run.seed=0", "learner.correction=none"],
+    "abl-correction-naive-s0": ["run.seed=0", "learner.correction=naive"],
+    "abl-no-truncation-s0": ["run.seed=0", "buffer.truncate_step=10"],
+    "abl-rho0.05-s0": ["run.seed=0", "buffer.off_policy_fraction=0.05"],
+    "abl-rho0.25-s0": ["run.seed=0", "buffer.off_policy_fraction=0.25"],
+})
+
+KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "loss/clipfrac",
+        "loss/clipfrac_offpolicy", "loss/seq_weight_mean", "loss/seq_weight_max",
+        "loss/approx_kl", "loss/kl", "adv/masked_fraction", "buffer/size",
+        "buffer/replayed_prompt_fraction", "policy/version_lag_max", "time/iteration",
+        "time/rollout", "time/reward", "time/buffer", "time/train", "time/weight_sync")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finished(name: str) -> bool:
+    return (RESULTS / f"{name}.json").is_file()
+
+
+def run_one(name: str, steps: int, eval_every: int) -> None:
+    run_dir = RUNS / name
+    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}", f"run.output_dir={RUNS}",
+                 f"train.num_steps={steps}", f"train.eval_every={eval_every}"]
+    opgrpo = [sys.executable, "-m", "opgrpo", "train"]
+    if (run_dir / "checkpoints" / "latest.json").is_file():
+        command = [*opgrpo, "--resume", str(run_dir)]
+        print(f"[{name}] resuming from {run_dir}", flush=True)
+    else:
+        if run_dir.exists():  # started but no checkpoint yet: nothing worth keeping
+            import shutil
+
+            shutil.rmtree(run_dir)
+        command = [*opgrpo, "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]]
+        print(f"[{name}] starting: {' '.join(overrides)}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    save_result(name, overrides)
+
+
+def save_result(name: str, overrides: list[str]) -> dict:
+    run_dir = RUNS / name
+    rows = _rows(run_dir / "metrics.jsonl")
+    evals = _rows(run_dir / "eval.jsonl")
+    result = {
+        "name": name, "overrides": overrides, "config": CONFIG, "steps": len(rows),
+        "eval": [{"step": e["step"], "strict": e["strict"], "partial": e["partial"],
+                  "per_tag": e["per_tag"]} for e in evals],
+        "metrics": {key: [r.get(key) for r in rows] for key in KEPT},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+def _smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
+    """Trailing mean over `window` evaluations (the first ones average what exists)."""
+    return np.array([values[max(0, i - window + 1): i + 1].mean() for i in range(len(values))])
+
+
+def _curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([e["step"] for e in result["eval"]])
+    return steps, np.array([e["strict"] for e in result["eval"]])
+
+
+def report() -> dict:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+               if p.stem in RUNS_DEFINED}
+    out: dict = {"runs_done": sorted(results), "runs_missing":
+                 sorted(set(RUNS_DEFINED) - set(results))}
+    grpo = [results[f"grpo-s{s}"] for s in SEEDS if f"grpo-s{s}" in results]
+    opg = [results[f"opgrpo-s{s}"] for s in SEEDS if f"opgrpo-s{s}" in results]
+    if grpo:
+        finals = [_smooth(_curve(r)[1])[-1] for r in grpo]
+        target = float(np.mean(finals))
+        out["grpo_final_strict"] = {"mean": target, "std": float(np.std(finals)),
+                                    "per_seed": finals}
+        if opg:
+            reach = []
+            for r in opg:
+                steps, acc = _curve(r)
+                hit = np.nonzero(_smooth(acc) >= target)[0]
+                reach.append(int(steps[hit[0]]) if len(hit) else None)
+            ofinals = [_smooth(_curve(r)[1])[-1] for r in opg]
+            done = [x for x in reach if x is not None]
+            out["opgrpo_final_strict"] = {"mean": float(np.mean(ofinals)),
+                                          "std": float(np.std(ofinals)), "per_seed": ofinals}
+            out["opgrpo_steps_to_grpo_final"] = reach
+            out["step_ratio"] = (float(np.mean(done)) / grpo[0]["steps"]
+                                 if len(done) == len(reach) else None)
+    for name, r in results.items():
+        m = r["metrics"]
+        iteration = [x for x in m["time/iteration"] if x is not None]
+        off = [x for x in m["loss/clipfrac_offpolicy"] if x is not None and x == x]
+        out.setdefault("per_run", {})[name] = {
+            "final_strict_smoothed": float(_smooth(_curve(r)[1])[-1]),
+            "seconds_per_iteration": float(np.mean(iteration)),
+            "wall_clock_train_s": float(np.sum(iteration)),
+            "clipfrac": float(np.nanmean(np.array(m["loss/clipfrac"], dtype=float))),
+            "clipfrac_offpolicy": float(np.mean(off)) if off else None,
+            "buffer_share_of_iteration": float(np.sum(m["time/buffer"]) / np.sum(iteration)),
+        }
+    (RESULTS.parent / "sample_efficiency.json").write_text(json.dumps(out, indent=2) + "\n")
+    if results:
+        plot(results, RESULTS.parent / "sample_efficiency.png")
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
+    for name, r in sorted(results.items()):
+        steps, acc = _curve(r)
+        family = name.split("-s")[0] if not name.startswith("abl") else None
+        ax = axes[0] if family else axes[1]
+        kwargs = {"color": colours[family], "alpha": 0.8} if family else {}
+        ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
+    for ax, title in zip(axes, ("GRPO (on-policy) vs OP-GRPO, 3 seeds",
+                                "ablations (seed 0)"), strict=True):
+        ax.set(title=title, xlabel="training step",
+               ylabel="eval strict accuracy (3-eval trailing mean)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or resume) the runs not finished yet")
+    p.add_argument("--only", nargs="+", default=None, choices=sorted(RUNS_DEFINED))
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
+    sub.add_parser("list", help="which runs are finished")
+    args = parser.parse_args()
+    if args.command == "list":
+        for name in RUNS_DEFINED:
+            print(f"{'done ' if _finished(name) else 'todo '} {name}")
+        return
+    if args.command == "run":
+        for name in args.only or list(RUNS_DEFINED):
+            if not _finished(name):
+                run_one(name, args.steps, args.eval_every)
+                print(json.dumps(report().get("per_run", {}).get(name)), flush=True)
+    print(json.dumps(report(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
