@@ -39,12 +39,12 @@ class Control:
 class RolloutPool:
     """N rollout actors; every actor holds the current weights before it receives work."""
 
-    def __init__(self, config: Config, runtime_env: dict) -> None:
+    def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RolloutWorker) -> None:
         self.config = config
         self.data = config.model_dump(mode="json")
         self.options = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
                         "runtime_env": runtime_env}
-        self.actor_cls = ray.remote(RolloutWorker)
+        self.actor_cls = ray.remote(worker_cls)
         self.workers: list = []
         self.weights_ref = None
         self.version = -1
@@ -98,8 +98,8 @@ class RolloutPool:
 
 
 class RewardPool:
-    def __init__(self, config: Config, runtime_env: dict) -> None:
-        actor_cls = ray.remote(RewardWorker)
+    def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RewardWorker) -> None:
+        actor_cls = ray.remote(worker_cls)
         options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
                    "runtime_env": runtime_env}
         self.workers = [actor_cls.options(**options).remote(config.reward.functions)

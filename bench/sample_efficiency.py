@@ -66,8 +66,9 @@ def _finished(name: str) -> bool:
 
 def run_one(name: str, steps: int, eval_every: int) -> None:
     run_dir = RUNS / name
-    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}", f"run.output_dir={RUNS}",
-                 f"train.num_steps={steps}", f"train.eval_every={eval_every}"]
+    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}",
+                 f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}",
+                 f"train.eval_every={eval_every}"]
     opgrpo = [sys.executable, "-m", "opgrpo", "train"]
     if (run_dir / "checkpoints" / "latest.json").is_file():
         command = [*opgrpo, "--resume", str(run_dir)]

@@ -23,10 +23,11 @@ def split_groups(num_groups: int, num_ranks: int) -> list[list[int]]:
 
 
 class LearnerGroup:
-    def __init__(self, config: Config, runtime_env: dict | None = None) -> None:
+    def __init__(self, config: Config, runtime_env: dict | None = None,
+                 worker_cls: type = LearnerWorker) -> None:
         self.config = config
         k = config.learner.num_ranks
-        actor_cls = ray.remote(LearnerWorker)
+        actor_cls = ray.remote(worker_cls)
         options = {"num_cpus": config.learner.num_cpus, "num_gpus": config.learner.num_gpus,
                    "runtime_env": runtime_env or {}}
         data = config.model_dump(mode="json")

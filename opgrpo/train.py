@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ import ray
 import torch
 
 from actors.pool import NAMESPACE, Control, RewardPool, RolloutPool, control_name
+from actors.reward import RewardWorker
+from actors.rollout import RolloutWorker
 from buffer_service.actor import BufferService
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
-from learner.worker import nan_mean
+from learner.worker import LearnerWorker, nan_mean
 from opgrpo import metrics as M
 from opgrpo.config import Config, dump_config, load_config
 from opgrpo.driver import (
@@ -58,9 +61,21 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class WorkerClasses:
+    """The actor classes a Trainer starts. The defaults are the real ones; `bench/system.py`
+    swaps in stand-ins whose compute is a calibrated sleep to measure orchestration alone."""
+
+    rollout: type = RolloutWorker
+    reward: type = RewardWorker
+    learner: type = LearnerWorker
+
+
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False,
+                 workers: WorkerClasses | None = None) -> None:
         self.config, self.run_dir, self.resume = config, run_dir, resume
+        self.workers = workers or WorkerClasses()
         if not config.model.path:
             raise ValueError("model.path is not set: point it at a diffusers model directory")
         check_model_dir(config.model.path)
@@ -80,9 +95,9 @@ class Trainer:
         self.buffer = ray.remote(BufferService).options(num_cpus=0, runtime_env=env).remote(
             cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
             cfg.sampling.latent_storage_dtype)
-        self.learners = LearnerGroup(cfg, env)
-        self.rollout = RolloutPool(cfg, env)
-        self.rewards = RewardPool(cfg, env)
+        self.learners = LearnerGroup(cfg, env, self.workers.learner)
+        self.rollout = RolloutPool(cfg, env, self.workers.rollout)
+        self.rewards = RewardPool(cfg, env, self.workers.reward)
         self.rollout.resize(self._requested_rollout())
 
     def _requested_rollout(self) -> int:
