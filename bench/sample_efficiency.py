@@ -110,9 +110,25 @@ def _curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([e["strict"] for e in result["eval"]])
 
 
+def _load_results() -> dict[str, dict]:
+    """Finished runs' results; overrides are normalised to a repository-relative run.output_dir
+    (results are committed: no path of the machine that ran them)."""
+    results = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.stem not in RUNS_DEFINED:
+            continue
+        result = json.loads(path.read_text())
+        fixed = [f"run.output_dir={RUNS.relative_to(ROOT)}"
+                 if o.startswith("run.output_dir=") else o for o in result["overrides"]]
+        if fixed != result["overrides"]:
+            result["overrides"] = fixed
+            path.write_text(json.dumps(result) + "\n")
+        results[path.stem] = result
+    return results
+
+
 def report() -> dict:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
-               if p.stem in RUNS_DEFINED}
+    results = _load_results()
     out: dict = {"runs_done": sorted(results), "runs_missing":
                  sorted(set(RUNS_DEFINED) - set(results))}
     grpo = [results[f"grpo-s{s}"] for s in SEEDS if f"grpo-s{s}" in results]
