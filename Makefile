@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint bench pretrain clean
+.PHONY: install demo test lint bench bench-sample-efficiency pretrain clean
 
 install: $(STAMP)
 
@@ -31,6 +31,18 @@ demo: install
 	$(VENV)/bin/opgrpo train --config configs/shapes_tiny.yaml --set run.name=$(DEMO_RUN) \
 	  --set train.num_steps=$(DEMO_STEPS) --set train.eval_every=60
 	$(VENV)/bin/opgrpo report runs/$(DEMO_RUN)
+
+# Benchmarks write JSON + PNG into bench/results/ (see BENCHMARKS.md). `bench` runs the
+# system-cost ones (minutes); `bench-sample-efficiency` trains 11 runs of 300 steps (hours,
+# resumable: run it again after a stop and it continues where it was).
+bench: install
+	$(PY) bench/system.py
+	$(PY) bench/weight_push.py
+	$(PY) bench/buffer.py
+	$(PY) bench/rollout_scaling.py
+
+bench-sample-efficiency: install
+	$(PY) bench/sample_efficiency.py run
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install
