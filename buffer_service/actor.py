@@ -75,7 +75,8 @@ class BufferService:
             traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
             payload = encode_trajectories([traj], self.latent_dtype)
             outcome = self.store.admit(traj.prompt_key, cand["reward"], cand["advantage"],
-                                       cand["step"], traj.behaviour_version, payload)
+                                       cand["step"], traj.behaviour_version, payload,
+                                       prompt=traj.prompt)
             outcomes.append(outcome.value)
         return outcomes
 
@@ -83,7 +84,8 @@ class BufferService:
         """Up to n stored trajectories as (metadata, Arrow payloads); call with num_returns=2
         so that the payloads go straight to a rollout actor and the driver reads metadata."""
         entries = self.store.sample(n, step, random.Random(seed))
-        meta = [{"prompt_key": e.prompt_key, "prompt": decode_trajectories(e.payload)[0].prompt,
+        meta = [{"prompt_key": e.prompt_key,
+                 "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
                  "reward": e.reward, "insert_step": e.insert_step, "version": e.weight_version}
                 for e in entries]
         return meta, [e.payload for e in entries]

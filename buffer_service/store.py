@@ -50,6 +50,7 @@ class StoredEntry:
     insert_step: int
     weight_version: int
     payload: bytes
+    prompt: str | None = None  # stored beside the payload so readers need not decode it
 
 
 class RedisBufferStore:
@@ -110,8 +111,10 @@ class RedisBufferStore:
         raw = self.client.hgetall(self._entry_key(prompt_key))
         if not raw:
             return None
+        prompt = raw.get(b"prompt")
         return StoredEntry(prompt_key, float(raw[b"reward"]), int(raw[b"insert_step"]),
-                           int(raw[b"version"]), raw[b"payload"])
+                           int(raw[b"version"]), raw[b"payload"],
+                           prompt.decode() if prompt is not None else None)
 
     def keys(self) -> list[str]:
         return sorted(k.decode() for k in self.client.zrange(self._order, 0, -1))
@@ -154,6 +157,7 @@ class RedisBufferStore:
         step: int,
         weight_version: int,
         payload: bytes,
+        prompt: str | None = None,
     ) -> AdmissionOutcome:
         """Offer a group's best trajectory (ALGORITHM.md 4), atomically."""
         if not math.isfinite(reward) or math.isnan(advantage):
@@ -171,10 +175,11 @@ class RedisBufferStore:
                             tx.delete(self._entry_key(victim))
                             tx.zrem(self._order, victim)
                             tx.zrem(self._age, victim)
-                        tx.hset(entry_key, mapping={
-                            "reward": repr(float(reward)), "insert_step": step,
-                            "version": weight_version, "payload": payload,
-                        })
+                        fields = {"reward": repr(float(reward)), "insert_step": step,
+                                  "version": weight_version, "payload": payload}
+                        if prompt is not None:
+                            fields["prompt"] = prompt
+                        tx.hset(entry_key, mapping=fields)
                         tx.zadd(self._order, {prompt_key: order_score(reward, step, self.gamma)})
                         tx.zadd(self._age, {prompt_key: step})
                         tx.hincrby(self._stats, "admissions", 1)

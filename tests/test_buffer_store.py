@@ -39,6 +39,11 @@ def test_admission_paths_and_payload_roundtrip(store):
         0.6, 1, 1, b"A3")
     assert store.stats() == {"admissions": 5, "replacements": 2, "evictions": 0,
                              "rejections": 3}
+    assert entry.prompt is None  # written without its prompt text: readers decode the payload
+    store.admit("a", 0.7, 1.0, 3, 3, b"A4", prompt="two red circles")
+    assert store.get("a").prompt == "two red circles"
+    store.admit("a", 0.8, 1.0, 4, 4, b"A5")  # a replacement leaves no stale prompt behind
+    assert store.get("a").prompt is None and store.get("a").payload == b"A5"
 
 
 def test_decay_makes_old_entries_replaceable_without_rewriting_them(store, server):
