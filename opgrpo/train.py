@@ -134,11 +134,13 @@ class Trainer:
         return state["step"] + 1
 
     def _truncate_metrics(self, last_step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= last_step]
-            path.write_text("".join(r + "\n" for r in rows))
+        """Drop metric and eval rows of steps after the checkpoint: they are run again."""
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = self.run_dir / name
+            if path.is_file():
+                rows = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= last_step]
+                path.write_text("".join(r + "\n" for r in rows))
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:

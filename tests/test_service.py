@@ -107,6 +107,9 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     # resume from the step-2 checkpoint: pretend step 3 never finished
     (run_dir / "checkpoints" / "latest.json").write_text(
         json.dumps({"step": 2, "tag": "step2", "version": 2}))
+    # an evaluation written after that checkpoint must not survive (step 3 is run again)
+    (run_dir / "eval.jsonl").write_text("".join(
+        json.dumps({"step": s, "strict": 0.5}) + "\n" for s in (0, 2, 3)))
     resumed = Trainer(build_config(config.model_dump(mode="json"), ["train.num_steps=4"]),
                       run_dir, resume=True)
     try:
@@ -116,5 +119,7 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
         resumed.shutdown()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
     assert rows[2]["version"] == 3 and rows[3]["version"] == 4
     assert size > 0
