@@ -85,12 +85,8 @@ def _job_status(cluster, job_id: str) -> str:
     return str(JobSubmissionClient(cluster["dashboard"]).get_job_status(job_id).value)
 
 
-def test_job_submit_and_scale(cluster, tmp_path):
-    job_id = f"opgrpo-test-{int(time.time())}"
-    overrides = ["train.num_steps=14", "train.eval_prompts_file=null", "run.name=clusterjob",
-                 f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
-                 "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
-                 "rollout.num_cpus=0.25"]
+def _submit(cluster, job_id: str, overrides: list[str]) -> None:
+    """`ray job submit --no-wait` of the tiny training job with `--set` overrides."""
     submit = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--no-wait",
          "--submission-id", job_id, "--working-dir", str(REPO), "--", "python", "-m",
@@ -99,6 +95,15 @@ def test_job_submit_and_scale(cluster, tmp_path):
         env=cluster["env"], capture_output=True, text=True, timeout=300,
     )
     assert submit.returncode == 0, submit.stderr
+
+
+def test_job_submit_and_scale(cluster, tmp_path):
+    job_id = f"opgrpo-test-{int(time.time())}"
+    overrides = ["train.num_steps=14", "train.eval_prompts_file=null", "run.name=clusterjob",
+                 f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                 "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
+                 "rollout.num_cpus=0.25"]
+    _submit(cluster, job_id, overrides)
     metrics = tmp_path / "clusterjob" / "metrics.jsonl"
     deadline = time.time() + 600
     while len(_rows(metrics)) < 2:
@@ -136,14 +141,7 @@ def test_auto_rollout_grows_when_a_node_joins(cluster, tmp_path):
                  "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
                  "rollout.num_actors=auto", "rollout.num_cpus=1", "learner.num_cpus=0.5",
                  "reward.num_cpus=0.25", "train.checkpoint_every=1000"]
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--no-wait",
-         "--submission-id", job_id, "--working-dir", str(REPO), "--", "python", "-m",
-         "opgrpo", "train", "--config", "configs/shapes_tiny.yaml",
-         *[arg for o in overrides for arg in ("--set", o)]],
-        env=cluster["env"], capture_output=True, text=True, timeout=300,
-    )
-    assert submit.returncode == 0, submit.stderr
+    _submit(cluster, job_id, overrides)
     metrics = tmp_path / "autojob" / "metrics.jsonl"
     deadline = time.time() + 600
     worker = None
