@@ -101,12 +101,9 @@ def measure(config_path: str, fraction: float, batches: int, n_prompts: int,
 
 
 def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
+    from plotting import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     steps = [r["trained_steps"] for r in results]
     ax.errorbar(steps, [r["cosine_pairs_mean"] for r in results],
                 yerr=[r["cosine_pairs_sem"] for r in results], marker="o",
@@ -116,11 +113,7 @@ def plot(results: list[dict], out: Path) -> None:
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="trained SDE steps (first n of T)", ylabel="gradient cosine",
            title=f"gradient agreement, batch of {results[0]['batch']} trajectories")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, ax, out)
 
 
 def main() -> None:

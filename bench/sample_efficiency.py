@@ -172,12 +172,9 @@ def report() -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from plotting import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = figure(2, figsize=(13, 4.5))
     colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
     for name, r in sorted(results.items()):
         steps, acc = _curve(r)
@@ -189,12 +186,7 @@ def plot(results: dict, path: Path) -> None:
                                 "ablations (seed 0)"), strict=True):
         ax.set(title=title, xlabel="training step",
                ylabel="eval strict accuracy (3-eval trailing mean)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, axes, path, legend_size=7)
 
 
 def main() -> None:

@@ -212,23 +212,16 @@ def measure(n_actors: int, args, bench: dict) -> dict:
 
 
 def plot(results: list[dict], path: Path, target: float) -> None:
-    import matplotlib
+    from plotting import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     n = [r["rollout_actors"] for r in results]
     ax.plot(n, [r["ratio"] for r in results], marker="o", label="measured / ideal")
     ax.axhline(target, color="tab:red", ls="--", label=f"target {target}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="rollout actors", ylabel="step time ratio",
            title="orchestration overhead (compute = calibrated sleep)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def main() -> None:

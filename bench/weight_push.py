@@ -154,12 +154,9 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from plotting import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = figure(figsize=(6.5, 4))
     for name in dict.fromkeys(r["payload"] for r in results):
         rows = [r for r in results if r["payload"] == name]
         ax.plot([r["actors"] for r in rows], [r["push_per_actor_over_copy"] for r in rows],
@@ -168,11 +165,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set(xlabel="receiving actors", ylabel="push time per actor / memcpy time",
            title="weight push through the object store")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path, legend_size=7)
 
 
 if __name__ == "__main__":
