@@ -33,8 +33,8 @@ SEEDS = (0, 1, 2)
 # Shared by every run. The recipe's one optimizer step per batch: with Flow-GRPO's two, on-policy
 # GRPO did not learn here in 150 steps (bench/results/tiny_recipe_tuning.json). With one step,
 # pi_theta = pi_old during the update, so only ratios against an older behaviour policy (the
-# naive correction) can be clipped.
-COMMON: list[str] = []
+# naive correction) can be clipped. Checkpoints every 25 steps: a stopped sitting loses little.
+COMMON: list[str] = ["train.checkpoint_every=25"]
 
 # name -> overrides. OP-GRPO = the config's defaults (rho 0.125, sequence correction, K=7 of 10).
 RUNS_DEFINED: dict[str, list[str]] = {}
