@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import random
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class BufferService:
             buffer_config["max_age"], buffer_config["admit_min_advantage"],
         )
         self.latent_dtype = latent_dtype
+        self.busy_s = 0.0  # seconds spent in admit/sample/evict, reported by stats()
 
     def admit(self, trajectories: list[Trajectory], candidates: list[dict]) -> list[str]:
         """Offer group winners of one rollout chunk.
@@ -70,7 +72,7 @@ class BufferService:
         Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`.
         Returns the outcome name of each candidate.
         """
-        outcomes = []
+        start, outcomes = time.perf_counter(), []
         for cand in candidates:
             traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
             payload = encode_trajectories([traj], self.latent_dtype)
@@ -78,23 +80,29 @@ class BufferService:
                                        cand["step"], traj.behaviour_version, payload,
                                        prompt=traj.prompt)
             outcomes.append(outcome.value)
+        self.busy_s += time.perf_counter() - start
         return outcomes
 
     def sample(self, n: int, step: int, seed: int) -> tuple[list[dict], list[bytes]]:
         """Up to n stored trajectories as (metadata, Arrow payloads); call with num_returns=2
         so that the payloads go straight to a rollout actor and the driver reads metadata."""
+        start = time.perf_counter()
         entries = self.store.sample(n, step, random.Random(seed))
         meta = [{"prompt_key": e.prompt_key,
                  "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
                  "reward": e.reward, "insert_step": e.insert_step, "version": e.weight_version}
                 for e in entries]
+        self.busy_s += time.perf_counter() - start
         return meta, [e.payload for e in entries]
 
     def evict_expired(self, step: int) -> int:
-        return len(self.store.evict_expired(step))
+        start = time.perf_counter()
+        evicted = len(self.store.evict_expired(step))
+        self.busy_s += time.perf_counter() - start
+        return evicted
 
-    def stats(self) -> dict[str, int]:
-        return {"size": len(self.store), **self.store.stats()}
+    def stats(self) -> dict[str, float]:
+        return {"size": len(self.store), **self.store.stats(), "busy_s": self.busy_s}
 
     def flush(self) -> bool:
         """Write the embedded server's data to disk now (called at checkpoints)."""

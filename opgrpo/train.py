@@ -205,7 +205,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self.start_actors()
-        self.version = 0
+        self.version, self._buffer_busy_s = 0, 0.0
         first = self.restore() if self.resume else 1
         self._sync_weights()
         return first
@@ -221,14 +221,17 @@ class Trainer:
             reward_means = score(rollout)
         samples = rollout.samples
         adv = advantages_of(cfg, samples)
-        with timed("buffer", timings):
-            admitted = admit_winners(self.buffer, rollout, samples, adv, step)
-            outcomes = [o for chunk in ray.get(admitted) for o in chunk]
-            buffer_stats = ray.get(self.buffer.stats.remote())
+        # Buffer admission runs in the buffer actor while the learner trains: neither reads
+        # what the other writes, and the next step's replay sampling waits for both.
+        admitted = admit_winners(self.buffer, rollout, samples, adv, step)
         with timed("train", timings):
             shards = learner_shards(cfg, samples, adv)
             stats = nan_mean(ray.get(
                 self.learners.train_async(rollout.trajectories, shards, step)))
+        with timed("buffer", timings):  # what admission adds after training (usually ~0)
+            outcomes = [o for chunk in ray.get(admitted) for o in chunk]
+            buffer_stats = ray.get(self.buffer.stats.remote())
+        self._buffer_busy_s, previous_busy_s = buffer_stats["busy_s"], self._buffer_busy_s
         self.version += 1
         with timed("weight_sync", timings):
             self._sync_weights()
@@ -236,6 +239,8 @@ class Trainer:
         row = {"step": step, "version": self.version, **stats, **reward_means,
                **batch_statistics(samples, adv, self.version - 1), **timings,
                "time/iteration": elapsed, "images_per_s": len(samples) / elapsed,
+               # the buffer actor's own working time this step, overlapped or not
+               "time/buffer_actor": buffer_stats["busy_s"] - previous_busy_s,
                M.BUFFER_SIZE: buffer_stats["size"],
                M.BUFFER_ADMISSIONS: buffer_stats["admissions"],
                M.BUFFER_REPLACEMENTS: buffer_stats["replacements"],

@@ -79,9 +79,10 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates):
     for row in rows:
         for key in (M.REWARD_MEAN, M.LOSS_CLIPFRAC, M.LOSS_APPROX_KL, M.BUFFER_SIZE,
                     M.POLICY_VERSION_LAG_MAX, "time/rollout", "time/train", "time/weight_sync",
-                    "images_per_s", "actors/rollout"):
+                    "time/buffer", "images_per_s", "actors/rollout"):
             assert key in row, key
         assert row["actors/rollout"] == 2
+        assert row["time/buffer_actor"] > 0  # admission (overlapped with training) did work
     assert rows[0][M.BUFFER_SIZE] > 0
     assert rows[0][M.BUFFER_REPLAYED_FRACTION] == 0  # nothing to replay before step 1
     replayed = [r for r in rows[1:] if r[M.BUFFER_REPLAYED_FRACTION] > 0]
