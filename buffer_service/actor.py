@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import random
+import time
 from pathlib import Path
 
 import redis
