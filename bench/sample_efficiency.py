@@ -53,7 +53,8 @@ KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "loss/clipfr
         "loss/clipfrac_offpolicy", "loss/seq_weight_mean", "loss/seq_weight_max",
         "loss/approx_kl", "loss/kl", "adv/masked_fraction", "buffer/size",
         "buffer/replayed_prompt_fraction", "policy/version_lag_max", "time/iteration",
-        "time/rollout", "time/reward", "time/buffer", "time/train", "time/weight_sync")
+        "time/rollout", "time/reward", "time/buffer", "time/buffer_actor", "time/train",
+        "time/weight_sync")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -120,6 +121,8 @@ def _load_results() -> dict[str, dict]:
         if path.stem not in RUNS_DEFINED:
             continue
         result = json.loads(path.read_text())
+        if len(_rows(RUNS / path.stem / "metrics.jsonl")) == result["steps"]:
+            result = save_result(path.stem, result["overrides"])  # metrics added since: keep
         fixed = [f"run.output_dir={RUNS.relative_to(ROOT)}"
                  if o.startswith("run.output_dir=") else o for o in result["overrides"]]
         if fixed != result["overrides"]:
@@ -163,7 +166,14 @@ def report() -> dict:
             "wall_clock_train_s": float(np.sum(iteration)),
             "clipfrac": float(np.nanmean(np.array(m["loss/clipfrac"], dtype=float))),
             "clipfrac_offpolicy": float(np.mean(off)) if off else None,
+            # time/buffer: what the driver waited for the buffer. time/buffer_actor: the buffer
+            # actor's own working time, mostly overlapped with training (runs made before
+            # the overlap have no time/buffer_actor; there the two were the same).
             "buffer_share_of_iteration": float(np.sum(m["time/buffer"]) / np.sum(iteration)),
+            "buffer_actor_share_of_iteration": float(
+                np.sum([b if b is not None else w for b, w in
+                        zip(m.get("time/buffer_actor", [None] * len(iteration)),
+                            m["time/buffer"], strict=True)]) / np.sum(iteration)),
         }
     (RESULTS.parent / "sample_efficiency.json").write_text(json.dumps(out, indent=2) + "\n")
     if results:
