@@ -172,7 +172,7 @@ def report() -> dict:
             "buffer_share_of_iteration": float(np.sum(m["time/buffer"]) / np.sum(iteration)),
             "buffer_actor_share_of_iteration": float(
                 np.sum([b if b is not None else w for b, w in
-                        zip(m.get("time/buffer_actor", [None] * len(iteration)),
+                        zip(m.get("time/buffer_actor", [None] * len(m["time/buffer"])),
                             m["time/buffer"], strict=True)]) / np.sum(iteration)),
         }
     (RESULTS.parent / "sample_efficiency.json").write_text(json.dumps(out, indent=2) + "\n")
