@@ -91,10 +91,15 @@ def copy_seconds(weights: dict[str, np.ndarray], repeats: int = 3) -> float:
     return best
 
 
-def push_seconds(actors, weights: dict[str, np.ndarray], repeats: int) -> float:
+def push_seconds(actors, weights: dict[str, np.ndarray], repeats: int, warmup: int) -> float:
+    """Median seconds of `repeats` pushes after `warmup` untimed ones. The warm-up pushes
+    allocate the actors' copies and touch the object store's pages: in a VM (this machine is
+    one) the first touch of guest memory costs a host page fault per page, which a training
+    run pays in its first steps only."""
     import ray
 
-    ray.get([a.receive.remote(ray.put(weights)) for a in actors])  # warm: allocate the copies
+    for _ in range(warmup):
+        ray.get([a.receive.remote(ray.put(weights)) for a in actors])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -109,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1024])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed pushes first")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip size x actors combinations above this share of free RAM")
     args = parser.parse_args()
@@ -132,7 +138,7 @@ def main() -> None:
                                            f"{args.memory_fraction:.0%} of free RAM"})
                     print(f"skip {name} x {n}: not enough memory", flush=True)
                     continue
-                push = push_seconds(actors, weights, args.repeats)
+                push = push_seconds(actors, weights, args.repeats, args.warmup)
                 copy = copy_seconds(weights)
                 results.append({"payload": name, "bytes": size, "tensors": len(weights),
                                 "actors": n, "push_s": push, "copy_s": copy,
