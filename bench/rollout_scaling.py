@@ -5,7 +5,7 @@ the same workload, chunks handed out round-robin as the driver does; images/s co
 final samples per second of wall-clock. Each actor gets `cores / N` torch threads (and, as a
 variant, every actor all cores: oversubscribed).
 
-    python bench/rollout_scaling.py --actors 1 2 --chunks 8
+    python bench/rollout_scaling.py --actors 1 2 --chunks 16
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/shapes_tiny.yaml")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=16)
     args = parser.parse_args()
     import ray
@@ -68,7 +68,7 @@ def main() -> None:
     results = []
     try:
         for n in args.actors:
-            variants = {max(1, cores // n), cores}
+            variants = {1, max(1, cores // n), cores}  # 1 thread: per-core efficiency
             for threads in sorted(variants):
                 results.append(measure(n, threads, args))
                 print(json.dumps(results[-1]), flush=True)
