@@ -36,11 +36,13 @@ def batch_statistics(
     lags = [current_version - t.behaviour_version for t in trajectories]
     prompts = {t.prompt_key for t in trajectories}
     replayed_prompts = {t.prompt_key for t in trajectories if t.replayed}
+    dataset = [t.reward for t in trajectories if t.prompt_key not in replayed_prompts]
     return {
         M.REWARD_MEAN: _mean(rewards),
         M.REWARD_STD: float(np.std(rewards)) if rewards else math.nan,
         M.REWARD_FRESH_MEAN: _mean(fresh),
         M.REWARD_REPLAYED_MEAN: _mean(replayed),
+        M.REWARD_DATASET_MEAN: _mean(dataset),
         M.ADV_MASKED_GROUPS: float(advantages.num_masked_groups),
         M.ADV_MASKED_FRACTION: advantages.num_masked_groups / max(1, advantages.num_groups),
         M.BUFFER_REPLAYED_FRACTION: len(replayed_prompts) / max(1, len(prompts)),

@@ -4,6 +4,9 @@ REWARD_MEAN = "reward/mean"
 REWARD_STD = "reward/std"
 REWARD_FRESH_MEAN = "reward/fresh_mean"
 REWARD_REPLAYED_MEAN = "reward/replayed_mean"
+# groups of prompts drawn from the dataset only: the GRPO-comparable training reward (a buffer
+# prompt is one the policy already solved once, so its fresh samples score higher)
+REWARD_DATASET_MEAN = "reward/dataset_prompts_mean"
 
 ADV_MASKED_GROUPS = "adv/masked_groups"
 ADV_MASKED_FRACTION = "adv/masked_fraction"

@@ -25,6 +25,7 @@ def test_statistics_of_a_mixed_batch():
     assert math.isclose(stats[M.REWARD_MEAN], np.mean([1, 0, 0.5, 0.2, 0.2, 0.2]))
     assert math.isclose(stats[M.REWARD_FRESH_MEAN], np.mean([1, 0, 0.2, 0.2, 0.2]))
     assert stats[M.REWARD_REPLAYED_MEAN] == 0.5
+    assert math.isclose(stats[M.REWARD_DATASET_MEAN], 0.2)  # group "a" was a buffer prompt
     assert stats[M.ADV_MASKED_GROUPS] == 1 and stats[M.ADV_MASKED_FRACTION] == 0.5
     assert stats[M.BUFFER_REPLAYED_FRACTION] == 0.5
     assert stats[M.POLICY_VERSION_LAG_MAX] == 3
@@ -36,6 +37,7 @@ def test_no_replayed_samples_gives_nan_replayed_reward():
     adv = group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
     stats = batch_statistics(trajs, adv, current_version=2)
     assert math.isnan(stats[M.REWARD_REPLAYED_MEAN])
+    assert stats[M.REWARD_DATASET_MEAN] == stats[M.REWARD_MEAN] == 0.5
     assert stats[M.POLICY_VERSION_LAG_MAX] == 0 and stats[M.BUFFER_REPLAYED_FRACTION] == 0
 
 
