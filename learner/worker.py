@@ -15,6 +15,7 @@ import math
 import os
 import random
 import socket
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,7 +169,19 @@ class LearnerWorker:
         return state if self.rank == 0 else None
 
     def save_checkpoint(self, directory: str, tag: str) -> str:
+        """DeepSpeed's state (for resuming) plus the trainable weights as safetensors (for
+        `opgrpo export`, readable without unpickling); every rank must call."""
         self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version})
+        state = self.export_weights()  # gathers under ZeRO-3: all ranks take part
+        if self.rank == 0:
+            from safetensors.numpy import save_file
+
+            from opgrpo.export import WEIGHTS_FILE
+
+            target = Path(directory) / tag / WEIGHTS_FILE
+            tmp = target.with_suffix(".tmp")
+            save_file(state, str(tmp), metadata={"version": str(self.version)})
+            os.replace(tmp, target)
         return tag
 
     def load_checkpoint(self, directory: str, tag: str) -> int:

@@ -149,6 +149,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from opgrpo.export import export_checkpoint
+
+    out = export_checkpoint(args.run, args.out, args.step, args.dtype, args.overwrite)
+    print(f"exported {args.run} to {out}: evaluate with `opgrpo eval --model {out} ...`")
+    return 0
+
+
 def _cmd_shapes_prompts(args: argparse.Namespace) -> int:
     from opgrpo.shapes.grammar import split_prompts, write_jsonl
 
@@ -237,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("export", help="write a run's checkpoint as a diffusers pipeline")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="transformer dtype on disk")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("pretrain", help="train the shapes base model from scratch (CPU)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

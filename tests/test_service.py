@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from safetensors.torch import load_file
 
 from opgrpo import metrics as M
 from opgrpo.config import build_config
 from opgrpo.driver import Iteration
+from opgrpo.export import WEIGHTS_FILE
 from opgrpo.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +70,11 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates):
                 assert held.keys() == learner.keys()
                 assert all(np.array_equal(held[k], learner[k]) for k in learner)
             assert ray.get(trainer.rollout.workers[0].ready.remote()) == step
+        # a checkpoint carries the trainable weights as safetensors (gathered under ZeRO-3)
+        trainer.checkpoint(3)
+        saved = load_file(str(tmp_path / f"e2e-z{stage}" / "checkpoints" / "step3" / WEIGHTS_FILE))
+        assert saved.keys() == learner.keys()
+        assert all(np.array_equal(saved[k].numpy(), learner[k]) for k in learner)
     finally:
         trainer.shutdown()
     assert [r["version"] for r in rows] == [1, 2, 3]

@@ -1,0 +1,93 @@
+"""`opgrpo export RUN_DIR --out DIR`: a checkpoint's policy as a plain diffusers pipeline.
+
+Every checkpoint holds, beside DeepSpeed's own state (for resuming), the trainable weights as
+`checkpoints/<tag>/trainable.safetensors` (written by learner rank 0, gathered under ZeRO-3).
+Export reads only that file and the base model directory: nothing is unpickled. The result is
+the base pipeline with the trained transformer; LoRA weights are fused into it, so the output
+loads with `StableDiffusion3Pipeline.from_pretrained` (or `opgrpo eval/sample --model DIR`) and
+needs no peft.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from opgrpo.config import load_config
+from opgrpo.models import FlowPolicy
+
+WEIGHTS_FILE = "trainable.safetensors"
+# files of the base model directory that describe it to opgrpo (sampling defaults)
+_CARRIED = ("opgrpo_model.json",)
+
+
+def checkpoint_tag(run_dir: Path, step: int | None) -> str:
+    """`stepN` of the requested step, or the latest checkpoint's tag."""
+    checkpoints = run_dir / "checkpoints"
+    if step is not None:
+        tag = f"step{step}"
+        if not (checkpoints / tag).is_dir():
+            have = sorted((p.name for p in checkpoints.glob("step*") if p.is_dir()),
+                          key=lambda name: int(name[4:]))
+            raise FileNotFoundError(f"{checkpoints / tag} does not exist; checkpoints: {have}")
+        return tag
+    latest = checkpoints / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{latest} is missing: {run_dir} has no checkpoint")
+    return json.loads(latest.read_text())["tag"]
+
+
+def load_trainable(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was written before "
+                                f"trainable weights were saved with it")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
+                      dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the policy of `run_dir`'s checkpoint (latest, or `step`) to `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: {run_dir} is not a run directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
+    config = load_config(config_path)
+    tag = checkpoint_tag(run_dir, step)
+    state, meta = load_trainable(run_dir / "checkpoints" / tag / WEIGHTS_FILE)
+    policy = FlowPolicy.from_pretrained(
+        config.model.path, lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
+        lora_target_modules=config.model.lora_target_modules, keep_reference=False)
+    expected = set(policy.trainable_state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{WEIGHTS_FILE} of {tag} does not match model.lora_rank="
+                         f"{config.model.lora_rank}: missing {missing[:3]}, unexpected {extra[:3]}")
+    policy.load_trainable_state_dict(state)
+    transformer = policy.transformer
+    if config.model.lora_rank > 0:
+        transformer.fuse_lora(lora_scale=1.0)  # W += B A * alpha / r, then drop the adapter
+        transformer.unload_lora()
+    if out.exists():
+        shutil.rmtree(out)
+    pipeline = policy.pipeline
+    pipeline.transformer = transformer.to(getattr(torch, dtype))
+    pipeline.save_pretrained(out, safe_serialization=True)
+    base = Path(config.model.path)
+    for name in _CARRIED:
+        if (base / name).is_file():
+            shutil.copy(base / name, out / name)
+    (out / "opgrpo_export.json").write_text(json.dumps({
+        "run": run_dir.name, "checkpoint": tag, "weight_version": meta.get("version"),
+        "lora_rank": config.model.lora_rank, "lora_fused": config.model.lora_rank > 0,
+        "transformer_dtype": dtype, "base_model": base.name}, indent=2) + "\n")
+    return out
