@@ -52,6 +52,21 @@ def load_trainable(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return load_file(str(path)), meta
 
 
+def load_from_deepspeed(tag_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """Fallback for checkpoints without `trainable.safetensors`: the module weights DeepSpeed
+    saved (ZeRO 0-2 keep them whole), read with `weights_only=True` (tensors and plain
+    containers only; no code runs)."""
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{tag_dir / WEIGHTS_FILE} and {path} are both missing")
+    module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    state = {k: v for k, v in module.items() if k in names}
+    if any(v.numel() == 0 for v in state.values()):
+        raise ValueError(f"{path} holds ZeRO-3 partitions, not whole weights, and "
+                         f"{WEIGHTS_FILE} is missing: this checkpoint cannot be exported")
+    return state
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
                       dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the policy of `run_dir`'s checkpoint (latest, or `step`) to `out`."""
@@ -63,11 +78,15 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     config = load_config(config_path)
     tag = checkpoint_tag(run_dir, step)
-    state, meta = load_trainable(run_dir / "checkpoints" / tag / WEIGHTS_FILE)
     policy = FlowPolicy.from_pretrained(
         config.model.path, lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
         lora_target_modules=config.model.lora_target_modules, keep_reference=False)
     expected = set(policy.trainable_state_dict())
+    tag_dir = run_dir / "checkpoints" / tag
+    if (tag_dir / WEIGHTS_FILE).is_file():
+        state, meta = load_trainable(tag_dir / WEIGHTS_FILE)
+    else:  # checkpoints written before the safetensors copy existed
+        state, meta = load_from_deepspeed(tag_dir, expected), {}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"{WEIGHTS_FILE} of {tag} does not match model.lora_rank="

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from safetensors.torch import load_file
 
 from opgrpo import metrics as M
 from opgrpo.config import build_config
 from opgrpo.driver import Iteration
-from opgrpo.export import WEIGHTS_FILE
+from opgrpo.export import WEIGHTS_FILE, export_checkpoint
 from opgrpo.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,3 +132,14 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     assert [e["step"] for e in evals] == [0, 2]
     assert rows[2]["version"] == 3 and rows[3]["version"] == 4
     assert size > 0
+    # the exported policy of the last checkpoint: from the safetensors copy, and (older
+    # checkpoints) from DeepSpeed's module state read with weights_only: the same weights
+    from_safetensors = export_checkpoint(run_dir, tmp_path / "a")
+    (run_dir / "checkpoints" / "step4" / WEIGHTS_FILE).unlink()
+    from_deepspeed = export_checkpoint(run_dir, tmp_path / "b")
+    a = load_file(str(from_safetensors / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(from_deepspeed / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(str(REPO / "models" / "shapes-base" / "transformer"
+                         / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], base[k].float()) for k in base)  # it did train
