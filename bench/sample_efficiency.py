@@ -200,8 +200,12 @@ def report() -> dict:
         off = [x for x in m["loss/clipfrac_offpolicy"] if x is not None and x == x]
         out.setdefault("per_run", {})[name] = {
             "final_strict_smoothed": float(_smooth(_curve(r)[1])[-1]),
-            "seconds_per_iteration": float(np.mean(iteration)),
+            # the median is robust to minutes when something else ran on the machine; the
+            # sum is what the run really took (both exclude evaluations)
+            "seconds_per_iteration_median": float(np.median(iteration)),
+            "seconds_per_iteration_mean": float(np.mean(iteration)),
             "wall_clock_train_s": float(np.sum(iteration)),
+            "wall_clock_train_s_at_median": float(np.median(iteration) * len(iteration)),
             "clipfrac": float(np.nanmean(np.array(m["loss/clipfrac"], dtype=float))),
             "clipfrac_offpolicy": float(np.mean(off)) if off else None,
             # time/buffer: what the driver waited for the buffer. time/buffer_actor: the buffer
