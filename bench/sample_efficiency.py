@@ -47,7 +47,15 @@ RUNS_DEFINED.update({
     "abl-no-truncation-s0": ["run.seed=0", "buffer.truncate_step=10"],
     "abl-rho0.05-s0": ["run.seed=0", "buffer.off_policy_fraction=0.05"],
     "abl-rho0.25-s0": ["run.seed=0", "buffer.off_policy_fraction=0.25"],
+    # Clip fractions only: with one optimizer step per batch pi_theta = pi_old, so `sequence`
+    # cannot clip at all. Flow-GRPO's two steps per batch let both corrections clip; 100 steps
+    # measure the fractions (eval only at the start and the end).
+    "clip-sequence-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2"],
+    "clip-naive-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2",
+                          "learner.correction=naive"],
 })
+# runs shorter than the default budget: name -> (steps, eval every)
+BUDGET = {"clip-sequence-2pp-s0": (100, 100), "clip-naive-2pp-s0": (100, 100)}
 
 KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "reward/dataset_prompts_mean",
         "loss/clipfrac", "loss/clipfrac_offpolicy", "loss/seq_weight_mean", "loss/seq_weight_max",
@@ -154,6 +162,12 @@ def _ratio(reach: list[int | None], total: int) -> float | None:
     return float(np.mean(reach)) / total if reach and None not in reach else None
 
 
+def _nan_stat(fn, values: list) -> float | None:
+    """fn over the finite values of a metric series (None and NaN skipped), None if none."""
+    array = np.array([np.nan if v is None else v for v in values], dtype=float)
+    return float(fn(array)) if np.isfinite(array).any() else None
+
+
 def report() -> dict:
     results = _load_results()
     out: dict = {"runs_done": sorted(results), "runs_missing":
@@ -208,6 +222,11 @@ def report() -> dict:
             "wall_clock_train_s_at_median": float(np.median(iteration) * len(iteration)),
             "clipfrac": float(np.nanmean(np.array(m["loss/clipfrac"], dtype=float))),
             "clipfrac_offpolicy": float(np.mean(off)) if off else None,
+            # w_i of the replayed samples: mean of the per-step means, and the largest seen
+            "seq_weight_mean": _nan_stat(np.nanmean, m["loss/seq_weight_mean"]),
+            "seq_weight_max": _nan_stat(np.nanmax, m["loss/seq_weight_max"]),
+            "replayed_reward_mean": _nan_stat(np.nanmean, m["reward/replayed_mean"]),
+            "version_lag_max": _nan_stat(np.nanmax, m["policy/version_lag_max"]),
             # time/buffer: what the driver waited for the buffer. time/buffer_actor: the buffer
             # actor's own working time, mostly overlapped with training (runs made before
             # the overlap have no time/buffer_actor; there the two were the same).
@@ -217,6 +236,11 @@ def report() -> dict:
                         zip(m.get("time/buffer_actor", [None] * len(m["time/buffer"])),
                             m["time/buffer"], strict=True)]) / np.sum(iteration)),
         }
+    clip = {name: out["per_run"][name]["clipfrac_offpolicy"] for name in
+            ("clip-sequence-2pp-s0", "clip-naive-2pp-s0", "abl-correction-naive-s0",
+             "opgrpo-s0") if name in out.get("per_run", {})}
+    if clip:
+        out["clipfrac_offpolicy"] = clip
     (RESULTS.parent / "sample_efficiency.json").write_text(json.dumps(out, indent=2) + "\n")
     if results:
         plot(results, RESULTS.parent / "sample_efficiency.png")
@@ -229,6 +253,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = figure(2, figsize=(13, 4.5))
     colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
     for name, r in sorted(results.items()):
+        if name in BUDGET:
+            continue  # clip-fraction runs: two evaluations, not a curve
         steps, acc = _curve(r)
         family = name.split("-s")[0] if not name.startswith("abl") else None
         ax = axes[0] if family else axes[1]
@@ -258,7 +284,7 @@ def main() -> None:
     if args.command == "run":
         for name in args.only or list(RUNS_DEFINED):
             if not _finished(name):
-                run_one(name, args.steps, args.eval_every)
+                run_one(name, *BUDGET.get(name, (args.steps, args.eval_every)))
                 print(json.dumps(report().get("per_run", {}).get(name)), flush=True)
     print(json.dumps(report(), indent=2))
 
