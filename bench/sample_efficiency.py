@@ -53,9 +53,21 @@ RUNS_DEFINED.update({
     "clip-sequence-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2"],
     "clip-naive-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2",
                           "learner.correction=naive"],
+    # Recipe stability: with full fine-tuning at lr 3e-5, OP-GRPO seed 0 peaked at step 125 and
+    # collapsed after step 175 (colours wash out to white), and GRPO seed 0 fell back to its
+    # starting accuracy by step 300. Candidates, OP-GRPO only (it collapsed first), on knobs
+    # the paper leaves open for a model this size: LoRA (the paper's own mode: rank 32 /
+    # alpha 64 / lr 3e-4 on SD3.5's 1536-wide blocks; rank 8 / alpha 16 on the 128-wide tiny
+    # model) and a lower full fine-tuning learning rate. One torch thread each, so that two
+    # can share the machine (these runs are not timed).
+    "recipe-opgrpo-lora8-s0": ["run.seed=0", "model.lora_rank=8", "model.lora_alpha=16",
+                               "learner.learning_rate=3e-4", "run.torch_threads=1"],
+    "recipe-opgrpo-lr1e-5-s0": ["run.seed=0", "learner.learning_rate=1e-5",
+                                "run.torch_threads=1"],
 })
-# runs shorter than the default budget: name -> (steps, eval every)
-BUDGET = {"clip-sequence-2pp-s0": (100, 100), "clip-naive-2pp-s0": (100, 100)}
+# runs shorter than the default budget, or evaluated less often: name -> (steps, eval every)
+BUDGET = {"clip-sequence-2pp-s0": (100, 100), "clip-naive-2pp-s0": (100, 100),
+          "recipe-opgrpo-lora8-s0": (300, 50), "recipe-opgrpo-lr1e-5-s0": (300, 50)}
 
 KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "reward/dataset_prompts_mean",
         "loss/clipfrac", "loss/clipfrac_offpolicy", "loss/seq_weight_mean", "loss/seq_weight_max",
@@ -248,22 +260,29 @@ def report() -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Smoothed eval curves: GRPO vs OP-GRPO, the ablations, and the recipe candidates (raw
+    points: they are evaluated every 50 steps)."""
     from plotting import figure, save
 
-    fig, axes = figure(2, figsize=(13, 4.5))
+    fig, axes = figure(3, figsize=(18, 4.5))
     colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
     for name, r in sorted(results.items()):
-        if name in BUDGET:
+        if name.startswith("clip-"):
             continue  # clip-fraction runs: two evaluations, not a curve
         steps, acc = _curve(r)
+        if name.startswith("recipe-"):
+            axes[2].plot(steps, acc, marker="o", ms=3, label=name)
+            continue
         family = name.split("-s")[0] if not name.startswith("abl") else None
         ax = axes[0] if family else axes[1]
         kwargs = {"color": colours[family], "alpha": 0.8} if family else {}
         ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
-    for ax, title in zip(axes, ("GRPO (on-policy) vs OP-GRPO, 3 seeds",
-                                "ablations (seed 0)"), strict=True):
+    titles = ("GRPO (on-policy) vs OP-GRPO, 3 seeds", "ablations (seed 0)",
+              "recipe candidates (OP-GRPO, seed 0)")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set(title=title, xlabel="training step",
-               ylabel="eval strict accuracy (3-eval trailing mean)")
+               ylabel="eval strict accuracy" + ("" if "recipe" in title else
+                                                " (3-eval trailing mean)"))
     save(fig, axes, path, legend_size=7)
 
 
