@@ -34,7 +34,12 @@ SEEDS = (0, 1, 2)
 # GRPO did not learn here in 150 steps (bench/results/tiny_recipe_tuning.json). With one step,
 # pi_theta = pi_old during the update, so only ratios against an older behaviour policy (the
 # naive correction) can be clipped. Checkpoints every 25 steps: a stopped sitting loses little.
-COMMON: list[str] = ["train.checkpoint_every=25"]
+# LoRA rank 8 (alpha 16, lr 3e-4), the paper's mode of training: the config's full fine-tuning
+# at lr 3e-5 learns fast for ~150 steps and then degrades (OP-GRPO collapsed after step 175, see
+# the fullft-* and recipe-* runs); LoRA stayed stable over 300 steps.
+LORA = ["model.lora_rank=8", "model.lora_alpha=16", "learner.learning_rate=3e-4"]
+FULL_FT = ["model.lora_rank=0", "learner.learning_rate=3e-5"]  # the config's own setting
+COMMON: list[str] = ["train.checkpoint_every=25", *LORA]
 
 # name -> overrides. OP-GRPO = the config's defaults (rho 0.125, sequence correction, K=7 of 10).
 RUNS_DEFINED: dict[str, list[str]] = {}
@@ -60,10 +65,12 @@ RUNS_DEFINED.update({
     # alpha 64 / lr 3e-4 on SD3.5's 1536-wide blocks; rank 8 / alpha 16 on the 128-wide tiny
     # model) and a lower full fine-tuning learning rate. One torch thread each, so that two
     # can share the machine (these runs are not timed).
-    "recipe-opgrpo-lora8-s0": ["run.seed=0", "model.lora_rank=8", "model.lora_alpha=16",
-                               "learner.learning_rate=3e-4", "run.torch_threads=1"],
-    "recipe-opgrpo-lr1e-5-s0": ["run.seed=0", "learner.learning_rate=1e-5",
+    "recipe-opgrpo-lora8-s0": ["run.seed=0", *LORA, "run.torch_threads=1"],
+    "recipe-opgrpo-lr1e-5-s0": ["run.seed=0", *FULL_FT, "learner.learning_rate=1e-5",
                                 "run.torch_threads=1"],
+    # the first GRPO / OP-GRPO pair, with the config's full fine-tuning
+    "fullft-grpo-s0": ["run.seed=0", "buffer.off_policy_fraction=0", *FULL_FT],
+    "fullft-opgrpo-s0": ["run.seed=0", *FULL_FT],
 })
 # runs shorter than the default budget, or evaluated less often: name -> (steps, eval every)
 BUDGET = {"clip-sequence-2pp-s0": (100, 100), "clip-naive-2pp-s0": (100, 100),
@@ -159,7 +166,8 @@ def _train_reward(result: dict, window: int = 25) -> np.ndarray:
     m = result["metrics"]
     values = m.get("reward/dataset_prompts_mean") or [None]
     if values[0] is None:
-        values = m["reward/mean"] if "grpo-" in result["name"][:5] else m["reward/fresh_mean"]
+        on_policy = "buffer.off_policy_fraction=0" in result["overrides"]
+        values = m["reward/mean"] if on_policy else m["reward/fresh_mean"]
     values = np.array(values, dtype=float)
     return np.array([np.nanmean(values[max(0, i - window + 1): i + 1])
                      for i in range(len(values))])
@@ -270,7 +278,7 @@ def plot(results: dict, path: Path) -> None:
         if name.startswith("clip-"):
             continue  # clip-fraction runs: two evaluations, not a curve
         steps, acc = _curve(r)
-        if name.startswith("recipe-"):
+        if name.startswith(("recipe-", "fullft-")):
             axes[2].plot(steps, acc, marker="o", ms=3, label=name)
             continue
         family = name.split("-s")[0] if not name.startswith("abl") else None
@@ -278,7 +286,7 @@ def plot(results: dict, path: Path) -> None:
         kwargs = {"color": colours[family], "alpha": 0.8} if family else {}
         ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
     titles = ("GRPO (on-policy) vs OP-GRPO, 3 seeds", "ablations (seed 0)",
-              "recipe candidates (OP-GRPO, seed 0)")
+              "recipes: full fine-tuning vs candidates (seed 0)")
     for ax, title in zip(axes, titles, strict=True):
         ax.set(title=title, xlabel="training step",
                ylabel="eval strict accuracy" + ("" if "recipe" in title else
