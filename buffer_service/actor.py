@@ -8,6 +8,7 @@ rollout chunks' object refs and are encoded to Arrow IPC bytes here, off the dri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -72,34 +73,38 @@ class BufferService:
         Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`.
         Returns the outcome name of each candidate.
         """
-        start, outcomes = time.perf_counter(), []
-        for cand in candidates:
-            traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
-            payload = encode_trajectories([traj], self.latent_dtype)
-            outcome = self.store.admit(traj.prompt_key, cand["reward"], cand["advantage"],
-                                       cand["step"], traj.behaviour_version, payload,
-                                       prompt=traj.prompt)
-            outcomes.append(outcome.value)
-        self.busy_s += time.perf_counter() - start
-        return outcomes
+        with self._busy():
+            return [self._admit_one(trajectories, cand).value for cand in candidates]
+
+    def _admit_one(self, trajectories: list[Trajectory], cand: dict):
+        traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
+        payload = encode_trajectories([traj], self.latent_dtype)
+        return self.store.admit(traj.prompt_key, cand["reward"], cand["advantage"], cand["step"],
+                                traj.behaviour_version, payload, prompt=traj.prompt)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """Add the block's seconds to `busy_s` (the actor's own working time)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     def sample(self, n: int, step: int, seed: int) -> tuple[list[dict], list[bytes]]:
         """Up to n stored trajectories as (metadata, Arrow payloads); call with num_returns=2
         so that the payloads go straight to a rollout actor and the driver reads metadata."""
-        start = time.perf_counter()
-        entries = self.store.sample(n, step, random.Random(seed))
-        meta = [{"prompt_key": e.prompt_key,
-                 "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
-                 "reward": e.reward, "insert_step": e.insert_step, "version": e.weight_version}
-                for e in entries]
-        self.busy_s += time.perf_counter() - start
+        with self._busy():
+            entries = self.store.sample(n, step, random.Random(seed))
+            meta = [{"prompt_key": e.prompt_key,
+                     "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
+                     "reward": e.reward, "insert_step": e.insert_step,
+                     "version": e.weight_version} for e in entries]
         return meta, [e.payload for e in entries]
 
     def evict_expired(self, step: int) -> int:
-        start = time.perf_counter()
-        evicted = len(self.store.evict_expired(step))
-        self.busy_s += time.perf_counter() - start
-        return evicted
+        with self._busy():
+            return len(self.store.evict_expired(step))
 
     def stats(self) -> dict[str, float]:
         return {"size": len(self.store), **self.store.stats(), "busy_s": self.busy_s}
