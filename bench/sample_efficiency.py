@@ -141,6 +141,10 @@ def _curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([e["strict"] for e in result["eval"]])
 
 
+def _smoothed_eval(result: dict) -> np.ndarray:
+    return _smooth(_curve(result)[1])
+
+
 def _load_results() -> dict[str, dict]:
     """Finished runs' results; overrides are normalised to a repository-relative run.output_dir
     (results are committed: no path of the machine that ran them)."""
@@ -196,26 +200,26 @@ def report() -> dict:
     grpo = [results[f"grpo-s{s}"] for s in SEEDS if f"grpo-s{s}" in results]
     opg = [results[f"opgrpo-s{s}"] for s in SEEDS if f"opgrpo-s{s}" in results]
     if grpo:
-        finals = [_smooth(_curve(r)[1])[-1] for r in grpo]
+        finals = [_smoothed_eval(r)[-1] for r in grpo]
         target = float(np.mean(finals))
         out["grpo_final_strict"] = {"mean": target, "std": float(np.std(finals)),
                                     "per_seed": finals}
-        peaks = [float(_smooth(_curve(r)[1]).max()) for r in grpo]
+        peaks = [float(_smoothed_eval(r).max()) for r in grpo]
         out["grpo_peak_strict"] = {"mean": float(np.mean(peaks)), "per_seed": peaks}
         train_finals = [float(_train_reward(r)[-1]) for r in grpo]
         out["grpo_final_train_reward"] = {"mean": float(np.mean(train_finals)),
                                           "per_seed": train_finals}
         if opg:
             total = grpo[0]["steps"]
-            reach = [_first_reach(_smooth(_curve(r)[1]), target, _curve(r)[0]) for r in opg]
-            reach_peak = [_first_reach(_smooth(_curve(r)[1]), float(np.mean(peaks)),
+            reach = [_first_reach(_smoothed_eval(r), target, _curve(r)[0]) for r in opg]
+            reach_peak = [_first_reach(_smoothed_eval(r), float(np.mean(peaks)),
                                        _curve(r)[0]) for r in opg]
             reach_train = [_first_reach(_train_reward(r), float(np.mean(train_finals)),
                                         np.arange(1, r["steps"] + 1)) for r in opg]
-            ofinals = [_smooth(_curve(r)[1])[-1] for r in opg]
+            ofinals = [_smoothed_eval(r)[-1] for r in opg]
             out["opgrpo_final_strict"] = {"mean": float(np.mean(ofinals)),
                                           "std": float(np.std(ofinals)), "per_seed": ofinals}
-            opeaks = [float(_smooth(_curve(r)[1]).max()) for r in opg]
+            opeaks = [float(_smoothed_eval(r).max()) for r in opg]
             out["opgrpo_peak_strict"] = {"mean": float(np.mean(opeaks)), "per_seed": opeaks}
             otrain = [float(_train_reward(r)[-1]) for r in opg]
             out["opgrpo_final_train_reward"] = {"mean": float(np.mean(otrain)),
@@ -234,7 +238,7 @@ def report() -> dict:
         iteration = [x for x in m["time/iteration"] if x is not None]
         off = [x for x in m["loss/clipfrac_offpolicy"] if x is not None and x == x]
         out.setdefault("per_run", {})[name] = {
-            "final_strict_smoothed": float(_smooth(_curve(r)[1])[-1]),
+            "final_strict_smoothed": float(_smoothed_eval(r)[-1]),
             # the median is robust to minutes when something else ran on the machine; the
             # sum is what the run really took (both exclude evaluations)
             "seconds_per_iteration_median": float(np.median(iteration)),
