@@ -21,10 +21,23 @@ def control_name(run_name: str) -> str:
 
 
 class Control:
-    """Holds what another shell asked for (`opgrpo scale`); the driver reads it each step."""
+    """Holds what another shell asked for (`opgrpo scale`); the driver reads it each step.
+
+    It also holds the current weights (an object ref and its version): a rollout actor that
+    Ray restarts after a crash loads them in its constructor, before it takes any work.
+    """
 
     def __init__(self) -> None:
         self.rollout: int | str | None = None
+        self.weights: list = []  # [ObjectRef]: a list, so that Ray passes the ref, not the value
+        self.version = -1
+
+    def set_weights(self, weights: list, version: int) -> int:
+        self.weights, self.version = weights, version
+        return version
+
+    def get_weights(self) -> tuple[list, int]:
+        return self.weights, self.version
 
     def set_rollout(self, value: int | str) -> int | str:
         if value != "auto" and (not isinstance(value, int) or value < 1):
@@ -36,15 +49,30 @@ class Control:
         return self.rollout
 
 
+def fault_options(config: Config) -> dict:
+    """Ray restarts a crashed actor (up to run.max_actor_restarts times) and re-runs the tasks
+    it had not finished; results come back once, so no sample is counted twice."""
+    return {"max_restarts": config.run.max_actor_restarts, "max_task_retries": -1}
+
+
+def is_actor_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                            ray.exceptions.ActorUnavailableError))
+
+
 class RolloutPool:
     """N rollout actors; every actor holds the current weights before it receives work."""
 
-    def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RolloutWorker) -> None:
+    def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RolloutWorker,
+                 control=None) -> None:
         self.config = config
         self.data = config.model_dump(mode="json")
         self.options = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
-                        "runtime_env": runtime_env}
+                        "runtime_env": runtime_env, **fault_options(config)}
+        if config.rollout.resources:
+            self.options["resources"] = dict(config.rollout.resources)
         self.actor_cls = ray.remote(worker_cls)
+        self.control = control
         self.workers: list = []
         self.weights_ref = None
         self.version = -1
@@ -73,20 +101,54 @@ class RolloutPool:
             ray.kill(self.workers.pop())
         added = []
         while len(self.workers) < size:
-            worker = self.actor_cls.options(**self.options).remote(self.data, self._next_index)
-            self._next_index += 1
-            self.workers.append(worker)
-            added.append(worker)
-        if added and self.weights_ref is not None:
-            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in added])
-        elif added:
-            ray.get([w.ready.remote() for w in added])
+            added.append(self._new_worker())
+            self.workers.append(added[-1])
+        self._ready(added)
         if added:
             log.info("rollout actors: %d", len(self.workers))
 
+    def _new_worker(self):
+        worker = self.actor_cls.options(**self.options).remote(
+            self.data, self._next_index, self.control)
+        self._next_index += 1
+        return worker
+
+    def _ready(self, workers: list) -> None:
+        """Wait until `workers` are up and hold the current weights (a new actor loads them
+        from the control actor in its constructor when it can, else gets them here)."""
+        if not workers:
+            return
+        if self.weights_ref is not None and self.control is None:
+            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in workers])
+            return
+        held = ray.get([w.ready.remote() for w in workers])
+        stale = [w for w, v in zip(workers, held) if v != self.version]
+        if stale and self.weights_ref is not None:
+            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in stale])
+
     def set_weights(self, weights_ref, version: int) -> None:
         self.weights_ref, self.version = weights_ref, version
+        if self.control is not None:  # first: an actor restarting from now on loads these
+            ray.get(self.control.set_weights.remote([weights_ref], version))
         ray.get([w.set_weights.remote(weights_ref, version) for w in self.workers])
+
+    def replace_dead(self) -> int:
+        """Replace actors that are gone for good (restarts used up, node lost); returns how
+        many. The new ones hold the current weights before this returns."""
+        probes = [w.ready.remote() for w in self.workers]
+        dead = []
+        for i, probe in enumerate(probes):
+            try:
+                ray.get(probe, timeout=60)
+            except Exception as exc:  # noqa: BLE001 - any failure to answer means replace it
+                log.warning("rollout actor %d does not answer (%s); replacing it", i,
+                            type(exc).__name__)
+                dead.append(i)
+        for i in dead:
+            ray.kill(self.workers[i], no_restart=True)
+            self.workers[i] = self._new_worker()
+        self._ready([self.workers[i] for i in dead])
+        return len(dead)
 
     def worker(self, i: int):
         return self.workers[i % len(self.workers)]
@@ -99,14 +161,29 @@ class RolloutPool:
 
 class RewardPool:
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RewardWorker) -> None:
-        actor_cls = ray.remote(worker_cls)
-        options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
-                   "runtime_env": runtime_env}
-        self.workers = [actor_cls.options(**options).remote(config.reward.functions)
+        self.actor_cls = ray.remote(worker_cls)
+        self.functions = config.reward.functions
+        self.options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
+                        "runtime_env": runtime_env, **fault_options(config)}
+        self.workers = [self.actor_cls.options(**self.options).remote(self.functions)
                         for _ in range(config.reward.num_actors)]
 
     def worker(self, i: int):
         return self.workers[i % len(self.workers)]
+
+    def replace_dead(self) -> int:
+        """Replace reward actors that are gone for good; returns how many."""
+        replaced = 0
+        for i, worker in enumerate(self.workers):
+            try:
+                ray.get(worker.ready.remote(), timeout=60)
+            except Exception as exc:  # noqa: BLE001 - any failure to answer means replace it
+                log.warning("reward actor %d does not answer (%s); replacing it", i,
+                            type(exc).__name__)
+                ray.kill(worker, no_restart=True)
+                self.workers[i] = self.actor_cls.options(**self.options).remote(self.functions)
+                replaced += 1
+        return replaced
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -21,6 +21,14 @@ class RewardWorker:
         self.specs = {name: get_reward(name) for name in functions}
         self.weights = dict(functions)
 
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """images (N, H, W, 3) uint8 -> {TOTAL: weighted sum, name: that reward} (N,) each."""
         if len(images) != len(prompts):

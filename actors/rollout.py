@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 class RolloutWorker:
     """One rollout process: a policy copy at weight version `version`."""
 
-    def __init__(self, config: dict, worker_index: int = 0) -> None:
+    def __init__(self, config: dict, worker_index: int = 0, control=None) -> None:
+        """`control`: the run's Control actor; when it holds weights (a worker added or
+        restarted mid-run), they are loaded here, before this actor takes any task."""
         self.config = Config.model_validate(config)
         torch.manual_seed(self.config.run.seed)
         torch.set_num_threads(torch_threads(self.config, self.config.rollout.num_cpus))
@@ -39,10 +41,32 @@ class RolloutWorker:
         self.spec = SamplingSpec.from_config(self.config)
         self.worker_index = worker_index
         self.version = -1  # no weights from a learner yet
+        if control is not None:
+            self._load_current(control)
+
+    def _load_current(self, control) -> None:
+        import ray
+
+        refs, version = ray.get(control.get_weights.remote())
+        if refs:
+            self.set_weights(ray.get(refs[0]), version)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            log.warning("rollout actor %d restarted after a crash; loaded weight version %d",
+                        self.worker_index, self.version)
 
     def ready(self) -> int:
         """Returns the weight version held (a cheap liveness probe)."""
         return self.version
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def _check_version(self, expected: int | None) -> None:
+        if expected is not None and expected != self.version:
+            raise RuntimeError(f"rollout actor {self.worker_index} holds weight version "
+                               f"{self.version}, the iteration needs {expected}")
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
         """Load the learner's trainable weights (LoRA only when LoRA is on) as `version`."""
@@ -61,18 +85,23 @@ class RolloutWorker:
         return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
     def generate(
-        self, prompts: list[str], keys: list[str], seeds: list[int]
+        self, prompts: list[str], keys: list[str], seeds: list[int],
+        expected_version: int | None = None,
     ) -> tuple[list[Trajectory], np.ndarray]:
-        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8."""
+        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8.
+        With `expected_version`, refuses to draw from other weights than that version."""
+        self._check_version(expected_version)
         trajectories = sample_trajectories(
             self.policy, prompts, keys, seeds, self.spec, self.version
         )
         return trajectories, self._images(trajectories)
 
     def regenerate(
-        self, payloads: list[bytes], truncate_step: int, seeds: list[int]
+        self, payloads: list[bytes], truncate_step: int, seeds: list[int],
+        expected_version: int | None = None,
     ) -> tuple[list[Trajectory], np.ndarray]:
         """Mixed trajectories from stored ones (Arrow bytes): prefix kept, tail redrawn."""
+        self._check_version(expected_version)
         stored = [traj for payload in payloads for traj in decode_trajectories(payload)]
         mixed = regenerate_from(
             self.policy, stored, truncate_step, seeds, self.spec, self.version

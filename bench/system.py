@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class SleepRollout:
     """RolloutWorker's interface; `generate`/`regenerate` sleep `per_trajectory_s` per row."""
 
-    def __init__(self, config: dict, worker_index: int = 0) -> None:
+    def __init__(self, config: dict, worker_index: int = 0, control=None) -> None:
         from opgrpo.config import Config
 
         self.config = Config.model_validate(config)
@@ -72,11 +72,11 @@ class SleepRollout:
         images = np.zeros((len(prompts), size, size, 3), np.uint8)
         return out, images
 
-    def generate(self, prompts, keys, seeds):
+    def generate(self, prompts, keys, seeds, expected_version=None):
         time.sleep(self.bench["rollout_s_per_trajectory"] * len(prompts))
         return self._trajectories(prompts, keys, seeds)
 
-    def regenerate(self, payloads, truncate_step, seeds):
+    def regenerate(self, payloads, truncate_step, seeds, expected_version=None):
         from opgrpo.trajectory import decode_trajectories
 
         stored = [t for payload in payloads for t in decode_trajectories(payload)]
@@ -91,6 +91,9 @@ class SleepReward:
     def __init__(self, functions: dict[str, float]) -> None:
         self.bench = json.loads(os.environ["OPGRPO_BENCH"])
         self.calls = 0
+
+    def ready(self) -> bool:
+        return True
 
     def score(self, images, prompts):
         time.sleep(self.bench["reward_s_per_image"] * len(prompts))

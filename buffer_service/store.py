@@ -1,14 +1,19 @@
 """The replay buffer kept in Redis, deciding with the pure rules of `buffer_service.rules`.
 
 Layout under a namespace `ns` (one per run):
-- `ns:entry:<prompt key>`: hash {reward, insert_step, version, payload}; payload is the
-  trajectory as Arrow IPC bytes (never pickle: nothing read back can run code).
+- `ns:entry:<prompt key>`: hash {reward, insert_step, version, payload, sum[, prompt]}; payload
+  is the trajectory as Arrow IPC bytes (never pickle: nothing read back can run code), sum its
+  blake2b digest (a damaged entry is detected, evicted and counted, never used).
 - `ns:order`: sorted set, member = prompt key, score = `order_score` (time-invariant, so decay
   costs no writes: the lowest-priority entry is always the first member).
 - `ns:age`: sorted set, member = prompt key, score = insert step (max_age eviction).
 - `ns:stats`: hash of counters (admissions, replacements, evictions, rejections).
 - `ns:config`: hash of capacity and gamma; reopening with another gamma is refused because the
   stored order scores depend on it.
+- `ns:gone:<n>` + sorted set `ns:gone` (score = the step of removal): entries replaced or evicted
+  since the last checkpoint, kept (when `keep_removed`) so that `rollback_to(step)` rebuilds the
+  buffer exactly as it was at that checkpoint; `purge_removed(step)` drops them once a later
+  checkpoint is safely written. `ns:stats_at`: the counters at each checkpoint, same purpose.
 
 Every admission is one optimistic transaction (WATCH / MULTI / EXEC): the entry, both sorted
 sets and the counters change together or not at all, so a run that dies mid-admission leaves a
@@ -17,8 +22,12 @@ consistent buffer.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -30,6 +39,7 @@ from buffer_service.rules import (
     priority_order_key,
 )
 
+log = logging.getLogger(__name__)
 _CLASS_SPACING = 1e9  # order keys stay far below this for any realistic step count
 
 
@@ -53,6 +63,35 @@ class StoredEntry:
     prompt: str | None = None  # stored beside the payload so readers need not decode it
 
 
+STAT_NAMES = ("admissions", "replacements", "evictions", "rejections", "corrupted")
+
+
+def payload_digest(payload: bytes) -> str:
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+class CorruptEntry(ValueError):
+    """A stored entry is missing fields, does not parse, or fails its checksum."""
+
+
+def _parse_entry(prompt_key: str, raw: dict[bytes, bytes]) -> StoredEntry:
+    try:
+        payload = raw[b"payload"]
+        stored_sum = raw.get(b"sum")
+        if stored_sum is not None and stored_sum.decode() != payload_digest(payload):
+            raise CorruptEntry(f"buffer entry {prompt_key!r}: payload checksum mismatch")
+        reward = float(raw[b"reward"])
+        if not math.isfinite(reward):
+            raise CorruptEntry(f"buffer entry {prompt_key!r}: reward {reward} is not finite")
+        prompt = raw.get(b"prompt")
+        return StoredEntry(prompt_key, reward, int(raw[b"insert_step"]), int(raw[b"version"]),
+                           payload, prompt.decode() if prompt is not None else None)
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, CorruptEntry):
+            raise
+        raise CorruptEntry(f"buffer entry {prompt_key!r} is damaged: {exc!r}") from None
+
+
 class RedisBufferStore:
     """Replay buffer entries in Redis; same decisions as `ReplayBufferRules`."""
 
@@ -64,6 +103,7 @@ class RedisBufferStore:
         gamma: float = 0.99,
         max_age: int | None = None,
         admit_min_advantage: float = 0.0,
+        keep_removed: bool = True,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"buffer.capacity must be > 0, got {capacity}")
@@ -73,8 +113,11 @@ class RedisBufferStore:
         self.gamma = gamma
         self.max_age = max_age
         self.admit_min_advantage = admit_min_advantage
+        self.keep_removed = keep_removed
         self._order, self._age = f"{namespace}:order", f"{namespace}:age"
         self._stats, self._config = f"{namespace}:stats", f"{namespace}:config"
+        self._gone, self._gone_seq = f"{namespace}:gone", f"{namespace}:gone_seq"
+        self._stats_at = f"{namespace}:stats_at"
         self._check_config()
 
     def _entry_key(self, prompt_key: str) -> str:
@@ -96,8 +139,7 @@ class RedisBufferStore:
 
     def stats(self) -> dict[str, int]:
         raw = self.client.hgetall(self._stats)
-        names = ("admissions", "replacements", "evictions", "rejections")
-        return {name: int(raw.get(name.encode(), 0)) for name in names}
+        return {name: int(raw.get(name.encode(), 0)) for name in STAT_NAMES}
 
     def _meta(self, reader, prompt_key: str) -> BufferEntry | None:
         reward, step, version = reader.hmget(
@@ -108,13 +150,11 @@ class RedisBufferStore:
         return BufferEntry(prompt_key, float(reward), int(step), int(version))
 
     def get(self, prompt_key: str) -> StoredEntry | None:
+        """The entry, None if absent; raises CorruptEntry if it is damaged."""
         raw = self.client.hgetall(self._entry_key(prompt_key))
         if not raw:
             return None
-        prompt = raw.get(b"prompt")
-        return StoredEntry(prompt_key, float(raw[b"reward"]), int(raw[b"insert_step"]),
-                           int(raw[b"version"]), raw[b"payload"],
-                           prompt.decode() if prompt is not None else None)
+        return _parse_entry(prompt_key, raw)
 
     def keys(self) -> list[str]:
         return sorted(k.decode() for k in self.client.zrange(self._order, 0, -1))
@@ -126,18 +166,37 @@ class RedisBufferStore:
             return []
         expired = [k.decode() for k in
                    self.client.zrangebyscore(self._age, "-inf", f"({step - self.max_age}")]
-        self._remove_many(expired, count_as="evictions")
+        self._remove_many(expired, count_as="evictions", step=step)
         return expired
 
-    def _remove_many(self, keys: list[str], count_as: str | None = None) -> None:
-        """Delete entries and their index members in one transaction."""
+    def _gone_names(self, n: int) -> list[str]:
+        """n fresh names for removed entries (a counter: names are never reused)."""
+        last = int(self.client.incrby(self._gone_seq, n))
+        return [f"{self.ns}:gone:{i}" for i in range(last - n + 1, last + 1)]
+
+    def _retire(self, tx, prompt_key: str, name: str | None, step: int) -> None:
+        """Queue the removal of a live entry on `tx`: kept under `name` (see keep_removed),
+        or deleted when name is None."""
+        if name is None:
+            tx.delete(self._entry_key(prompt_key))
+        else:
+            tx.rename(self._entry_key(prompt_key), name)
+            tx.hset(name, "key", prompt_key)
+            tx.zadd(self._gone, {name: step})
+        tx.zrem(self._order, prompt_key)
+        tx.zrem(self._age, prompt_key)
+
+    def _remove_many(self, keys: list[str], count_as: str | None = None,
+                     step: int | None = None) -> None:
+        """Remove entries and their index members in one transaction; with a `step` (a
+        removal the run may roll back) they are kept until the next checkpoint."""
         if not keys:
             return
+        names = (self._gone_names(len(keys)) if self.keep_removed and step is not None
+                 else [None] * len(keys))
         with self.client.pipeline(transaction=True) as tx:
-            for key in keys:
-                tx.delete(self._entry_key(key))
-            tx.zrem(self._order, *keys)
-            tx.zrem(self._age, *keys)
+            for key, name in zip(keys, names):
+                self._retire(tx, key, name, step if step is not None else 0)
             if count_as:
                 tx.hincrby(self._stats, count_as, len(keys))
             tx.execute()
@@ -148,6 +207,61 @@ class RedisBufferStore:
         later = [k.decode() for k in self.client.zrangebyscore(self._age, f"({step}", "+inf")]
         self._remove_many(later)
         return later
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def commit(self, step: int) -> None:
+        """A checkpoint at `step` is being written: remember the counters as they are now."""
+        self.client.hset(self._stats_at, str(step), json.dumps(self.stats()))
+
+    def purge_removed(self, step: int) -> int:
+        """The checkpoint at `step` is safely written: entries removed at or before it, and
+        counter snapshots of earlier checkpoints, can no longer be needed. Returns how many
+        removed entries were dropped."""
+        names = self.client.zrangebyscore(self._gone, "-inf", step)
+        old = [f for f in self.client.hkeys(self._stats_at) if int(f) < step]
+        with self.client.pipeline(transaction=True) as tx:
+            if names:
+                tx.delete(*names)
+                tx.zrem(self._gone, *names)
+            if old:
+                tx.hdel(self._stats_at, *old)
+            tx.execute()
+        return len(names)
+
+    def rollback_to(self, step: int) -> dict[str, int]:
+        """Put the buffer back as it was at the checkpoint of `step`.
+
+        Entries inserted later are dropped; entries removed later (replaced or evicted) but
+        inserted by then come back; the counters return to their snapshot. Exact when the
+        store kept its removed entries since that checkpoint (`keep_removed`).
+        """
+        dropped = self.remove_inserted_after(step)
+        restored = discarded = 0
+        for raw_name, removed_at in self.client.zrange(self._gone, 0, -1, withscores=True):
+            name = raw_name.decode()
+            key, inserted = self.client.hmget(name, "key", "insert_step")
+            with self.client.pipeline(transaction=True) as tx:
+                if (removed_at > step and key is not None and inserted is not None
+                        and int(inserted) <= step):
+                    prompt_key, reward = key.decode(), float(self.client.hget(name, "reward"))
+                    tx.rename(name, self._entry_key(prompt_key))
+                    tx.hdel(self._entry_key(prompt_key), "key")
+                    tx.zadd(self._order, {prompt_key: order_score(reward, int(inserted),
+                                                                  self.gamma)})
+                    tx.zadd(self._age, {prompt_key: int(inserted)})
+                    restored += 1
+                else:
+                    tx.delete(name)
+                    discarded += 1
+                tx.zrem(self._gone, name)
+                tx.execute()
+        snapshot = self.client.hget(self._stats_at, str(step))
+        if snapshot is not None:
+            with self.client.pipeline(transaction=True) as tx:
+                tx.delete(self._stats)
+                tx.hset(self._stats, mapping=json.loads(snapshot))
+                tx.execute()
+        return {"dropped": len(dropped), "restored": restored, "discarded": discarded}
 
     def admit(
         self,
@@ -164,19 +278,20 @@ class RedisBufferStore:
             raise ValueError(f"prompt {prompt_key!r}: reward and advantage must be finite")
         self.evict_expired(step)
         entry_key = self._entry_key(prompt_key)
+        digest = payload_digest(payload)
         with self.client.pipeline(transaction=True) as tx:
             while True:
                 try:
                     tx.watch(entry_key, self._order)
                     outcome, victim = self._decide(tx, prompt_key, reward, advantage, step)
+                    name = (self._gone_names(1)[0] if victim is not None and self.keep_removed
+                            else None)
                     tx.multi()
                     if outcome.admitted:
                         if victim is not None:
-                            tx.delete(self._entry_key(victim))
-                            tx.zrem(self._order, victim)
-                            tx.zrem(self._age, victim)
+                            self._retire(tx, victim, name, step)
                         fields = {"reward": repr(float(reward)), "insert_step": step,
-                                  "version": weight_version, "payload": payload}
+                                  "version": weight_version, "payload": payload, "sum": digest}
                         if prompt is not None:
                             fields["prompt"] = prompt
                         tx.hset(entry_key, mapping=fields)
@@ -208,14 +323,41 @@ class RedisBufferStore:
             victim = lowest.prompt_key
         return outcome, victim
 
-    def sample(self, n: int, step: int, rng: random.Random) -> list[StoredEntry]:
-        """Up to n distinct entries, uniformly among those not expired at `step`."""
+    def sample(self, n: int, step: int, rng: random.Random,
+               validate: Callable[[StoredEntry], None] | None = None) -> list[StoredEntry]:
+        """Up to n distinct entries, uniformly among those not expired at `step`.
+
+        A damaged entry (CorruptEntry from parsing, or any ValueError from `validate`) is
+        evicted, counted as `corrupted` and replaced by another draw: the run goes on.
+        """
         low = "-inf" if self.max_age is None else step - self.max_age
         candidates = sorted(k.decode() for k in self.client.zrangebyscore(self._age, low, "+inf"))
-        chosen = rng.sample(candidates, min(n, len(candidates)))
-        entries = [self.get(key) for key in chosen]
-        return [e for e in entries if e is not None]
+        rng.shuffle(candidates)  # draws in order: a damaged one is replaced by the next
+        chosen: list[StoredEntry] = []
+        for key in candidates:
+            if len(chosen) == n:
+                break
+            try:
+                entry = self.get(key)
+                if entry is not None and validate is not None:
+                    validate(entry)
+            except ValueError as exc:
+                self.discard_corrupt(key, str(exc))
+                continue
+            if entry is not None:
+                chosen.append(entry)
+        return chosen
+
+    def discard_corrupt(self, prompt_key: str, reason: str) -> None:
+        """Evict a damaged entry for good (it is not kept for rollback) and count it."""
+        log.warning("buffer entry %r is damaged and was evicted: %s", prompt_key, reason)
+        with self.client.pipeline(transaction=True) as tx:
+            self._retire(tx, prompt_key, None, 0)
+            tx.hincrby(self._stats, "corrupted", 1)
+            tx.execute()
 
     def clear(self) -> None:
         keys = [self._entry_key(k) for k in self.keys()]
-        self.client.delete(*keys, self._order, self._age, self._stats, self._config)
+        gone = self.client.zrange(self._gone, 0, -1)
+        self.client.delete(*keys, *gone, self._order, self._age, self._stats, self._config,
+                           self._gone, self._gone_seq, self._stats_at)

@@ -17,7 +17,9 @@ from opgrpo.trajectory import Trajectory
 
 
 def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
+    """Mean of the finite values (a non-finite reward is a dropped sample), NaN if none."""
+    kept = [v for v in values if math.isfinite(v)]
+    return float(np.mean(kept)) if kept else math.nan
 
 
 def batch_statistics(
@@ -39,7 +41,9 @@ def batch_statistics(
     dataset = [t.reward for t in trajectories if t.prompt_key not in replayed_prompts]
     return {
         M.REWARD_MEAN: _mean(rewards),
-        M.REWARD_STD: float(np.std(rewards)) if rewards else math.nan,
+        M.REWARD_STD: (float(np.std([r for r in rewards if math.isfinite(r)]))
+                       if any(math.isfinite(r) for r in rewards) else math.nan),
+        M.REWARD_DROPPED: float(advantages.num_dropped),
         M.REWARD_FRESH_MEAN: _mean(fresh),
         M.REWARD_REPLAYED_MEAN: _mean(replayed),
         M.REWARD_DATASET_MEAN: _mean(dataset),

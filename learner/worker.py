@@ -26,6 +26,8 @@ from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec
 from opgrpo.trajectory import Trajectory
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
 log = logging.getLogger(__name__)
 
 
@@ -114,6 +116,11 @@ class LearnerWorker:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy.transformer, optimizer=optimizer, config=deepspeed_config(cfg),
         )
+        # Checkpoint files as safetensors + JSON instead of DeepSpeed's pickles: a checkpoint
+        # copied from elsewhere cannot run code when a run resumes from it.
+        from learner.safe_state import SafeCheckpointEngine
+
+        self.engine.checkpoint_engine = SafeCheckpointEngine()
         self.spec = SamplingSpec.from_config(cfg)
         self.settings = LossSettings.from_config(cfg)
         return sum(p.numel() for p in params)
@@ -172,6 +179,9 @@ class LearnerWorker:
         """DeepSpeed's state (for resuming) plus the trainable weights as safetensors (for
         `opgrpo export`, readable without unpickling); every rank must call."""
         self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version})
+        if self.rank == 0:  # DeepSpeed's recovery scripts read pickles: not for these files
+            for script in RECOVERY_SCRIPTS:
+                (Path(directory) / tag / script).unlink(missing_ok=True)
         state = self.export_weights()  # gathers under ZeRO-3: all ranks take part
         if self.rank == 0:
             from safetensors.numpy import save_file

@@ -322,12 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from opgrpo.config import ConfigError
+    from opgrpo.errors import RunStopped
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ConnectionError, RunStopped) as exc:  # e.g. Redis unreachable, or down too long
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

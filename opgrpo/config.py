@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -62,6 +63,9 @@ class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per iteration.")
     group_size: int = Field(8, ge=2, description="Trajectories per prompt (G).")
     chunk_size: int = Field(8, ge=1, description="Trajectories per rollout task.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per rollout actor, e.g. "
+        "{rollout_slot: 1} to place rollout actors on nodes started with --resources.")
 
     @model_validator(mode="after")
     def _check_actors(self) -> RolloutConfig:
@@ -90,7 +94,24 @@ class BufferConfig(_Section):
     truncate_step: int | None = Field(
         None, ge=1, description="Replayed transitions kept (K); default round(0.7*T)."
     )
-    redis_url: str | None = Field(None, description="External Redis; unset = embedded server.")
+    redis_url: str | None = Field(
+        None, description="External Redis (redis://[:password@]host:port/db); unset = embedded "
+        "server. The password may instead come from REDIS_PASSWORD; the run's config.yaml "
+        "never holds it.")
+    redis_timeout_s: float = Field(
+        120.0, gt=0, description="How long the run waits for an unreachable Redis before it "
+        "checkpoints and stops.")
+    exact_resume: bool = Field(
+        True, description="Keep entries replaced or evicted since the last checkpoint until the "
+        "next one, so that --resume gets the buffer exactly as it was (costs Redis memory: "
+        "one trajectory per removal between checkpoints).")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> BufferConfig:
+        if self.redis_url is not None and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return self
 
 
 class LearnerConfig(_Section):
@@ -135,6 +156,12 @@ class RunConfig(_Section):
     output_dir: str = Field("runs", description="Parent of run directories.")
     seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
     ray_address: str | None = Field(None, description="Ray cluster; unset = local Ray.")
+    max_actor_restarts: int = Field(
+        5, ge=-1, description="Times Ray restarts a crashed rollout, reward or buffer actor "
+        "(its unfinished tasks run again on the new one); -1 = no limit.")
+    dashboard_host: str | None = Field(
+        None, description="Start the local Ray's dashboard bound to this address (e.g. "
+        "127.0.0.1); unset = no dashboard. Not used when joining a cluster.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per actor; unset = ceil(its num_cpus). On one "
         "CPU machine the synchronous phases do not overlap, so each may use every core."
@@ -264,5 +291,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML (written to a run directory as config.yaml)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (written to a run directory as config.yaml), with any Redis
+    password removed from the URL: a resumed run takes it from REDIS_PASSWORD or REDIS_URL."""
+    data = config.model_dump(mode="json")
+    url = data["buffer"]["redis_url"]
+    if url:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            user = f"{parts.username}@" if parts.username else ""
+            host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+            data["buffer"]["redis_url"] = urlunsplit(parts._replace(netloc=user + host))
+    return yaml.safe_dump(data, sort_keys=False)

@@ -108,7 +108,7 @@ class Iteration:
             seeds = [trajectory_seed(cfg.run.seed, step, r.key, j) for _, r, j in part]
             worker = self.rollout.worker(c)
             trajs, images = worker.generate.options(num_returns=2).remote(
-                [r.text for _, r, _ in part], [r.key for _, r, _ in part], seeds)
+                [r.text for _, r, _ in part], [r.key for _, r, _ in part], seeds, version)
             self._add_chunk(out, trajs, images, [r.text for _, r, _ in part])
             out.samples += [SampleInfo(c, i, g, r.key, False, version)
                             for i, (g, r, _) in enumerate(part)]
@@ -116,7 +116,7 @@ class Iteration:
             c = len(out.trajectories)
             seeds = [trajectory_seed(cfg.run.seed, step, r.key, 0) for r in replayed]
             trajs, images = self.rollout.worker(c).regenerate.options(num_returns=2).remote(
-                payload_ref, cfg.truncate_step, seeds)
+                payload_ref, cfg.truncate_step, seeds, version)
             self._add_chunk(out, trajs, images, [r.text for r in replayed])
             out.samples += [SampleInfo(c, i, i, r.key, True, int(m["version"]))
                             for i, (r, m) in enumerate(zip(replayed, replay_meta))]
@@ -130,15 +130,25 @@ class Iteration:
 
 
 def score(rollout: Rollout) -> dict[str, float]:
-    """Wait for the rewards; fill them into the samples; return per-reward means."""
+    """Wait for the rewards; fill them into the samples; return per-reward means (of the
+    finite values: a NaN or infinite reward drops its sample, see `group_advantages`)."""
     results = ray.get(rollout.rewards)
     per_name: dict[str, list[float]] = {}
     for sample in rollout.samples:
         result = results[sample.chunk]
         sample.reward = float(result[TOTAL][sample.index])
         for name, values in result.items():
-            per_name.setdefault(name, []).append(float(values[sample.index]))
-    return {f"reward/{name}": float(np.mean(v)) for name, v in per_name.items() if name != TOTAL}
+            value = float(values[sample.index])
+            per_name.setdefault(name, []).append(value)
+            if name != TOTAL and not np.isfinite(value):
+                log.warning("reward %r is %s for prompt %r: the sample is dropped from its "
+                            "group", name, value, sample.prompt_key)
+    means = {}
+    for name, values in per_name.items():
+        kept = [v for v in values if np.isfinite(v)]
+        if name != TOTAL:
+            means[f"reward/{name}"] = float(np.mean(kept)) if kept else float("nan")
+    return means
 
 
 def advantages_of(config: Config, samples: list[SampleInfo]):
@@ -152,6 +162,8 @@ def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
     """Offer each group's highest-reward trajectory to the buffer (refs, not waited on)."""
     best: dict[int, int] = {}
     for i, s in enumerate(samples):
+        if not np.isfinite(s.reward):
+            continue  # a dropped sample is never a group's winner
         if s.group not in best or s.reward > samples[best[s.group]].reward:
             best[s.group] = i
     by_chunk: dict[int, list[dict]] = {}

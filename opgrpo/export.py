@@ -2,7 +2,8 @@
 
 Every checkpoint holds, beside DeepSpeed's own state (for resuming), the trainable weights as
 `checkpoints/<tag>/trainable.safetensors` (written by learner rank 0, gathered under ZeRO-3).
-Export reads only that file and the base model directory: nothing is unpickled. The result is
+Export reads only that file and the base model directory: nothing is unpickled (DeepSpeed's
+own files are safetensors too, see `learner/safe_state.py`). The result is
 the base pipeline with the trained transformer; LoRA weights are fused into it, so the output
 loads with `StableDiffusion3Pipeline.from_pretrained` (or `opgrpo eval/sample --model DIR`) and
 needs no peft.
@@ -53,13 +54,15 @@ def load_trainable(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 def load_from_deepspeed(tag_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
-    """Fallback for checkpoints without `trainable.safetensors`: the module weights DeepSpeed
-    saved (ZeRO 0-2 keep them whole), read with `weights_only=True` (tensors and plain
-    containers only; no code runs)."""
+    """Fallback when `trainable.safetensors` is missing: the module weights DeepSpeed saved
+    (ZeRO 0-2 keep them whole), in the learner's safetensors + JSON checkpoint format
+    (`learner/safe_state.py`; a pickled file is refused, not loaded)."""
+    from learner.safe_state import load_state
+
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{tag_dir / WEIGHTS_FILE} and {path} are both missing")
-    module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    module = load_state(path)["module"]
     state = {k: v for k, v in module.items() if k in names}
     if any(v.numel() == 0 for v in state.values()):
         raise ValueError(f"{path} holds ZeRO-3 partitions, not whole weights, and "

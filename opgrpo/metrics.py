@@ -7,6 +7,8 @@ REWARD_REPLAYED_MEAN = "reward/replayed_mean"
 # groups of prompts drawn from the dataset only: the GRPO-comparable training reward (a buffer
 # prompt is one the policy already solved once, so its fresh samples score higher)
 REWARD_DATASET_MEAN = "reward/dataset_prompts_mean"
+# samples whose total reward was NaN or infinite: dropped from their groups (not trained)
+REWARD_DROPPED = "reward/dropped_nonfinite"
 
 ADV_MASKED_GROUPS = "adv/masked_groups"
 ADV_MASKED_FRACTION = "adv/masked_fraction"
@@ -25,6 +27,8 @@ BUFFER_SIZE = "buffer/size"
 BUFFER_ADMISSIONS = "buffer/admissions"
 BUFFER_REPLACEMENTS = "buffer/replacements"
 BUFFER_EVICTIONS = "buffer/evictions"
+BUFFER_CORRUPTED = "buffer/corrupted"  # damaged entries found when sampling, evicted
+BUFFER_OUTAGES = "buffer/redis_outages"  # times Redis stopped answering and came back
 BUFFER_REPLAYED_FRACTION = "buffer/replayed_prompt_fraction"
 
 POLICY_VERSION_LAG_MEAN = "policy/version_lag_mean"

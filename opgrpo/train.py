@@ -18,10 +18,18 @@ import numpy as np
 import ray
 import torch
 
-from actors.pool import NAMESPACE, Control, RewardPool, RolloutPool, control_name
+from actors.pool import (
+    NAMESPACE,
+    Control,
+    RewardPool,
+    RolloutPool,
+    control_name,
+    fault_options,
+    is_actor_failure,
+)
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
-from buffer_service.actor import BufferService
+from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
 from learner.worker import LearnerWorker, nan_mean
@@ -35,10 +43,12 @@ from opgrpo.driver import (
     score,
     timed,
 )
+from opgrpo.errors import RunStopped
 from opgrpo.models import check_model_dir
 from opgrpo.prompts import load_prompts
 
 log = logging.getLogger(__name__)
+ROLLOUT_ATTEMPTS = 3  # an iteration's rollout is redone at most this often after actor loss
 
 
 def _absolute(config: Config) -> Config:
@@ -84,6 +94,9 @@ class Trainer:
         self.dataset = load_prompts(config.train.prompts_file)
         self.eval_prompts = (load_prompts(config.train.eval_prompts_file)
                              if config.train.eval_prompts_file else [])
+        url = config.buffer.redis_url or os.environ.get("REDIS_URL")
+        if url:  # unreachable, or a wrong password: say so before anything starts
+            connect_redis(url, None)[0].close()
         self.config = _absolute(config)
 
     # ----- setup ---------------------------------------------------------------------------
@@ -92,11 +105,13 @@ class Trainer:
         self.control = ray.remote(Control).options(
             name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
             num_cpus=0).remote()
-        self.buffer = ray.remote(BufferService).options(num_cpus=0, runtime_env=env).remote(
+        # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
+        self.buffer = ray.remote(BufferService).options(
+            num_cpus=0, runtime_env=env, **fault_options(cfg)).remote(
             cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
             cfg.sampling.latent_storage_dtype)
         self.learners = LearnerGroup(cfg, env, self.workers.learner)
-        self.rollout = RolloutPool(cfg, env, self.workers.rollout)
+        self.rollout = RolloutPool(cfg, env, self.workers.rollout, control=self.control)
         self.rewards = RewardPool(cfg, env, self.workers.reward)
         self.rollout.resize(self._requested_rollout())
 
@@ -112,13 +127,20 @@ class Trainer:
         return self.version
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, with_buffer: bool = True) -> None:
+        """Learner state, then the buffer's snapshot, then `latest.json` (the commit point:
+        a run killed before it resumes from the previous checkpoint, whose buffer state is
+        still recoverable), then the buffer drops what only older checkpoints needed."""
         directory = self.run_dir / "checkpoints"
         tag = f"step{step}"
         self.learners.save_checkpoint(str(directory.resolve()), tag)
-        ray.get(self.buffer.flush.remote())
+        if with_buffer:
+            ray.get(self.buffer.checkpoint.remote(step))
         _write_json_atomic(directory / "latest.json",
                            {"step": step, "tag": tag, "version": self.version})
+        self.last_checkpoint = step
+        if with_buffer:
+            ray.get(self.buffer.checkpoint_done.remote(step))
 
     def restore(self) -> int:
         """Load the latest checkpoint; returns the first step to run."""
@@ -128,9 +150,12 @@ class Trainer:
         state = json.loads(latest.read_text())
         self.version = self.learners.load_checkpoint(
             str((self.run_dir / "checkpoints").resolve()), state["tag"])
-        dropped = ray.get(self.buffer.rollback_to.remote(state["step"]))
+        changes = ray.get(self.buffer.rollback_to.remote(state["step"]))
         self._truncate_metrics(state["step"])
-        log.info("resumed at step %d (dropped %d newer buffer entries)", state["step"], dropped)
+        self.last_checkpoint = state["step"]
+        log.info("resumed at step %d; buffer as at that checkpoint (%d newer entries dropped, "
+                 "%d replaced or evicted since restored)", state["step"], changes["dropped"],
+                 changes["restored"])
         return state["step"] + 1
 
     def _truncate_metrics(self, last_step: int) -> None:
@@ -184,9 +209,14 @@ class Trainer:
             task = progress.add_task("train", total=cfg.train.num_steps, completed=first - 1,
                                      info="")
             for step in range(first, cfg.train.num_steps + 1):
-                row = self.step(iteration, step)
+                try:
+                    row = self.step(iteration, step)
+                except RedisUnavailable as exc:  # before training: the step did not happen
+                    self._stop_for_redis(exc, step - 1)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                if self.redis_down is not None:  # trained, but the buffer's side was lost
+                    self._stop_for_redis(self.redis_down, step)
                 progress.update(task, completed=step, info=(
                     f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
                     f"{row['time/iteration']:.1f}s/it  actors {row['actors/rollout']}"))
@@ -194,18 +224,31 @@ class Trainer:
                                           or step == cfg.train.num_steps):
                     summary["eval_last"] = self.evaluate(step)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
-                    self.checkpoint(step)
+                    try:
+                        self.checkpoint(step)
+                    except RedisUnavailable as exc:
+                        self._stop_for_redis(exc, step)
         metrics_file.close()
         summary["run_dir"] = str(self.run_dir)
         summary["steps"] = cfg.train.num_steps
         return summary
+
+    def _stop_for_redis(self, exc: Exception, last_done: int) -> None:
+        """Redis stayed down: checkpoint the last finished step (learner only; the buffer
+        already holds what it had), then stop with a message that says how to go on."""
+        if last_done > self.last_checkpoint:
+            self.checkpoint(last_done, with_buffer=False)
+        where = f"step {last_done}" if last_done else "no step finished; nothing to resume"
+        raise RunStopped(f"{exc}. The run stopped; checkpoint: {where}. When Redis is back: "
+                         f"opgrpo train --resume {self.run_dir}") from None
 
     def prepare(self) -> int:
         """Run directory, actors, restored state, first weight sync; returns the first step."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self.start_actors()
-        self.version, self._buffer_busy_s = 0, 0.0
+        self.version, self._buffer_busy_s, self.last_checkpoint = 0, 0.0, 0
+        self.redis_down: Exception | None = None
         first = self.restore() if self.resume else 1
         self._sync_weights()
         return first
@@ -214,11 +257,7 @@ class Trainer:
         cfg, timings = self.config, {}
         start = time.perf_counter()
         self.rollout.resize(self._requested_rollout())
-        with timed("rollout", timings):
-            rollout = iteration.launch(step, self.dataset, self.version)
-            ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
-        with timed("reward", timings):
-            reward_means = score(rollout)
+        rollout, reward_means = self._rollout_and_score(iteration, step, timings)
         samples = rollout.samples
         adv = advantages_of(cfg, samples)
         # Buffer admission runs in the buffer actor while the learner trains: neither reads
@@ -229,9 +268,17 @@ class Trainer:
             stats = nan_mean(ray.get(
                 self.learners.train_async(rollout.trajectories, shards, step)))
         with timed("buffer", timings):  # what admission adds after training (usually ~0)
-            outcomes = [o for chunk in ray.get(admitted) for o in chunk]
-            buffer_stats = ray.get(self.buffer.stats.remote())
-        self._buffer_busy_s, previous_busy_s = buffer_stats["busy_s"], self._buffer_busy_s
+            try:
+                outcomes = [o for chunk in ray.get(admitted) for o in chunk]
+                buffer_stats = ray.get(self.buffer.stats.remote())
+            except RedisUnavailable as exc:  # the step is trained: log it, then stop
+                self.redis_down, outcomes = exc, []
+                buffer_stats = dict.fromkeys(("size", "admissions", "replacements", "evictions",
+                                              "corrupted", "outages"), float("nan"))
+                buffer_stats["busy_s"] = self._buffer_busy_s
+        # a restarted buffer actor counts its busy time from 0 again
+        previous_busy_s = min(self._buffer_busy_s, buffer_stats["busy_s"])
+        self._buffer_busy_s = buffer_stats["busy_s"]
         self.version += 1
         with timed("weight_sync", timings):
             self._sync_weights()
@@ -245,17 +292,46 @@ class Trainer:
                M.BUFFER_ADMISSIONS: buffer_stats["admissions"],
                M.BUFFER_REPLACEMENTS: buffer_stats["replacements"],
                M.BUFFER_EVICTIONS: buffer_stats["evictions"],
+               M.BUFFER_CORRUPTED: buffer_stats["corrupted"],
+               M.BUFFER_OUTAGES: buffer_stats["outages"],
                "buffer/admitted_this_step": sum(o in ("inserted", "replaced_same_prompt",
                                                       "replaced_lowest") for o in outcomes),
                "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks}
         return row
+
+    def _rollout_and_score(self, iteration: Iteration, step: int, timings: dict):
+        """Launch the rollout and wait for it and its rewards. A crashed actor is restarted by
+        Ray, which re-runs its unfinished tasks; an actor that is gone for good (restarts used
+        up, node lost) is replaced here and the whole rollout is drawn again: every draw is
+        seeded by (seed, step, prompt), so the redone batch is the same one, and nothing of
+        it reached the learner or the buffer yet."""
+        for attempt in range(1, ROLLOUT_ATTEMPTS + 1):
+            try:
+                with timed("rollout", timings):
+                    rollout = iteration.launch(step, self.dataset, self.version)
+                    ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
+                    ray.get(rollout.trajectories)  # a lost chunk raises here, not in training
+                with timed("reward", timings):
+                    return rollout, score(rollout)
+            except Exception as exc:
+                if not is_actor_failure(exc) or attempt == ROLLOUT_ATTEMPTS:
+                    raise
+                log.warning("step %d: an actor was lost for good (%s); replacing it and "
+                            "drawing the step's rollout again (attempt %d of %d)", step,
+                            type(exc).__name__, attempt + 1, ROLLOUT_ATTEMPTS)
+                self.rollout.replace_dead()
+                self.rewards.replace_dead()
+        raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
         for part in ("rollout", "rewards", "learners"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()
         if hasattr(self, "buffer"):
-            ray.get(self.buffer.shutdown.remote())
+            try:
+                ray.get(self.buffer.shutdown.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - a dead buffer actor has nothing to stop
+                log.warning("buffer actor shutdown: %s", type(exc).__name__)
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None,
@@ -274,8 +350,10 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
     address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
     # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster
     # that an earlier `ray start` on this machine left in /tmp/ray/ray_current_cluster.
-    ray.init(address=address or "local", namespace=NAMESPACE, log_to_driver=False,
-             **({} if address else {"include_dashboard": False}))
+    local = {} if address else (
+        {"include_dashboard": True, "dashboard_host": config.run.dashboard_host}
+        if config.run.dashboard_host else {"include_dashboard": False})
+    ray.init(address=address or "local", namespace=NAMESPACE, log_to_driver=False, **local)
     try:
         return trainer.run()
     finally:
