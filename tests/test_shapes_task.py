@@ -147,7 +147,7 @@ def test_reward_registry_scores_float_images():
     assert scores["strict"].tolist() == [1.0, 1.0]
     summary = reward.summarize(scores, [r["prompt"] for r in rows])
     assert summary["per_tag"] == {"counting": 1.0, "colors": 1.0}
-    with pytest.raises(KeyError, match="known"):
+    with pytest.raises(ValueError, match="known"):
         get_reward("nope")
 
 

@@ -58,6 +58,6 @@ def get_reward(name: str) -> RewardSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(
+        raise ValueError(
             f"unknown reward {name!r} in reward.functions; known: {sorted(REGISTRY)}"
         ) from None
