@@ -13,7 +13,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -106,12 +113,12 @@ class BufferConfig(_Section):
         "next one, so that --resume gets the buffer exactly as it was (costs Redis memory: "
         "one trajectory per removal between checkpoints).")
 
-    @model_validator(mode="after")
-    def _check_url(self) -> BufferConfig:
-        if self.redis_url is not None and not self.redis_url.startswith(
-                ("redis://", "rediss://", "unix://")):
-            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        return self
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
 
 class LearnerConfig(_Section):

@@ -51,3 +51,33 @@ def test_replay_count_keeps_the_expected_fraction():
     assert abs(np.mean(draws) - 0.4) < 0.03  # 0.05 * 8 prompts per step on average
     assert replay_count(0.05, 8, 3, 17) == replay_count(0.05, 8, 3, 17)  # a function of the step
     assert replay_count(0.99, 4, 0, 1) == 3  # one prompt always stays fresh
+
+
+def test_a_non_finite_reward_is_counted_and_left_out_of_the_means():
+    trajs = [_traj("a", 1.0, 0), _traj("a", float("nan"), 0), _traj("a", 0.0, 0)]
+    adv = group_advantages(torch.tensor([t.reward for t in trajs]), torch.tensor([0, 0, 0]))
+    stats = batch_statistics(trajs, adv, current_version=0)
+    assert stats[M.REWARD_DROPPED] == 1
+    assert stats[M.REWARD_MEAN] == 0.5 and stats[M.REWARD_STD] == 0.5
+
+
+def test_a_dropped_sample_never_wins_its_group():
+    from opgrpo.driver import Rollout, SampleInfo, admit_winners
+
+    class Recorder:  # the buffer actor's handle: records what would be sent
+        def __init__(self):
+            self.sent = []
+            self.admit = self
+
+        def remote(self, trajectories, candidates):
+            self.sent.append(candidates)
+            return len(self.sent)
+
+    samples = [SampleInfo(0, 0, 0, "a", False, 0, float("nan")),
+               SampleInfo(0, 1, 0, "a", False, 0, 0.3),
+               SampleInfo(0, 2, 1, "b", False, 0, float("inf")),
+               SampleInfo(0, 3, 1, "b", False, 0, float("nan"))]
+    adv = group_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([0, 0, 1, 1]))
+    buffer = Recorder()
+    admit_winners(buffer, Rollout(["chunk"], [], [], samples, []), samples, adv, step=1)
+    assert buffer.sent == [[{"index": 1, "reward": 0.3, "advantage": 0.0, "step": 1}]]

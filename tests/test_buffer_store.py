@@ -112,7 +112,7 @@ def test_rollback_removes_entries_of_later_steps(server):
 
 def _snapshot(store, server):
     """Everything a resumed run reads from the buffer: entries, both indexes, counters."""
-    entries = {k: server.hgetall(store._entry_key(k)) for k in store.keys()}
+    entries = {k: server.hgetall(store._entry_key(k)) for k in store.keys()}  # noqa: SIM118
     return (entries, server.zrange(store._order, 0, -1, withscores=True),
             server.zrange(store._age, 0, -1, withscores=True), store.stats())
 

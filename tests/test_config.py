@@ -69,3 +69,23 @@ def test_files(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+def test_redis_password_never_reaches_the_run_config():
+    config = build_config({"buffer": {"redis_url": "redis://:s3cret@10.0.0.5:6380/2"}})
+    dumped = dump_config(config)
+    assert "s3cret" not in dumped and "redis://10.0.0.5:6380/2" in dumped
+    named = build_config({"buffer": {"redis_url": "redis://opgrpo:s3cret@host/0"}})
+    assert "s3cret" not in dump_config(named) and "redis://opgrpo@host/0" in dump_config(named)
+    with pytest.raises(ConfigError, match=r"buffer.redis_url.*redis://"):
+        build_config({"buffer": {"redis_url": "http://host:6379"}})
+
+
+def test_batches_that_do_not_split_are_refused_before_work():
+    with pytest.raises(ConfigError, match="multiple of learner.num_ranks"):
+        build_config({"rollout": {"prompts_per_step": 6}, "learner": {"num_ranks": 4}})
+    with pytest.raises(ConfigError, match="optimizer_steps_per_pass"):
+        build_config({"rollout": {"prompts_per_step": 3, "group_size": 4},
+                      "learner": {"micro_batch_size": 4, "optimizer_steps_per_pass": 2}})
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        build_config({"rollout": {"group_size": "eight"}})

@@ -539,3 +539,22 @@ def test_non_finite_masked_sample_does_not_poison_the_loss():
     (grad,) = torch.autograd.grad(out.loss, new)
     assert torch.isfinite(grad).all()
     assert torch.all(grad[1] == 0.0)
+
+
+def test_non_finite_rewards_are_dropped_from_their_groups():
+    nan, inf = float("nan"), float("inf")
+    rewards = torch.tensor([0.2, nan, 0.8, 0.5, inf, 0.1, -inf, 0.3], dtype=F64)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    out = group_advantages(rewards, ids)
+    # the same as the groups without the dropped samples
+    kept = torch.tensor([True, False, True, True, False, True, False, True])
+    ref = group_advantages(rewards[kept], ids[kept])
+    assert torch.equal(out.advantages[kept], ref.advantages)
+    assert out.valid.tolist() == [True, False, True, False, False, True, False, True]
+    assert out.advantages[~kept].tolist() == [0.0, 0.0, 0.0]
+    assert out.num_dropped == 3
+    assert out.num_masked_groups == 1  # group 1 has one finite reward left: no signal
+    assert torch.isfinite(out.advantages).all()
+    everything = group_advantages(torch.full((4,), nan, dtype=F64), torch.zeros(4, dtype=int),
+                                  global_std=True)
+    assert not everything.valid.any() and everything.num_dropped == 4
