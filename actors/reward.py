@@ -24,10 +24,13 @@ class RewardWorker:
     def ready(self) -> bool:
         return True
 
-    def pid(self) -> int:
+    def identity(self) -> dict:
+        """This actor's process id and Ray node id (fault tests, placement checks)."""
         import os
 
-        return os.getpid()
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """images (N, H, W, 3) uint8 -> {TOTAL: weighted sum, name: that reward} (N,) each."""

@@ -58,10 +58,13 @@ class RolloutWorker:
         """Returns the weight version held (a cheap liveness probe)."""
         return self.version
 
-    def pid(self) -> int:
+    def identity(self) -> dict:
+        """This actor's process id and Ray node id (fault tests, placement checks)."""
         import os
 
-        return os.getpid()
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def _check_version(self, expected: int | None) -> None:
         if expected is not None and expected != self.version:

@@ -219,8 +219,11 @@ class BufferService:
         """The buffer as it was at the checkpoint of `step` (a resumed run restarts there)."""
         return self._redis("roll the buffer back", lambda: self.store.rollback_to(step))
 
-    def pid(self) -> int:
-        return os.getpid()
+    def identity(self) -> dict:
+        """This actor's process id and Ray node id (fault tests, placement checks)."""
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def shutdown(self) -> None:
         if self._embedded is not None:
