@@ -166,3 +166,66 @@ def test_auto_rollout_grows_when_a_node_joins(cluster, tmp_path):
                         job_id], env=cluster["env"], capture_output=True, timeout=120)
         if worker is not None:
             _stop_node(worker)
+
+
+def _rollout_placement(cluster) -> dict[str, int]:
+    """Alive rollout actors per node name ('a' / 'b': the worker nodes' marker resources)."""
+    from ray.util.state import list_actors, list_nodes
+
+    names = {}
+    for node in list_nodes(address=cluster["dashboard"]):
+        total = node.resources_total or {}
+        names[node.node_id] = "a" if "node_a" in total else "b" if "node_b" in total else "head"
+    actors = list_actors(address=cluster["dashboard"], filters=[
+        ("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")])
+    placement: dict[str, int] = {}
+    for actor in actors:
+        name = names.get(actor.node_id, "?")
+        placement[name] = placement.get(name, 0) + 1
+    return placement
+
+
+def test_rollout_continues_when_a_worker_node_is_lost(cluster, tmp_path):
+    """Two worker nodes hold the rollout actors (only they have the `rollout_slot` resource;
+    with 0 CPUs nothing else lands there). Stopping one mid-run: Ray restarts its actors on
+    the other node, which load the current weights, and the job finishes every step."""
+    slots = '{"rollout_slot": 2, "node_%s": 1}'
+    nodes = {name: _start_node(cluster["env"], cluster["temp_dir"], f"--address={cluster['gcs']}",
+                               "--num-cpus=0", f"--resources={slots % name}")
+             for name in ("a", "b")}
+    job_id = f"opgrpo-nodeloss-{int(time.time())}"
+    overrides = ["train.num_steps=10", "train.eval_prompts_file=null", "run.name=nodeloss",
+                 f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
+                 "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
+                 "rollout.num_actors=2", "rollout.num_cpus=0", "rollout.chunk_size=4",
+                 "rollout.resources={rollout_slot: 1}", "learner.num_cpus=1",
+                 "reward.num_cpus=0.5", "train.checkpoint_every=1000"]
+    metrics = tmp_path / "nodeloss" / "metrics.jsonl"
+    deadline = time.time() + 900
+    try:
+        _submit(cluster, job_id, overrides)
+        while len(_rows(metrics)) < 2:
+            assert time.time() < deadline, "the job wrote no metrics"
+            assert _job_status(cluster, job_id) in ("RUNNING", "PENDING"), "the job ended early"
+            time.sleep(1)
+        before = _rollout_placement(cluster)
+        assert sum(before.values()) == 2 and set(before) <= {"a", "b"}, before
+        lost = max(before, key=before.get)  # a node that hosts rollout actors
+        _stop_node(nodes.pop(lost))
+        stopped_at, after = len(_rows(metrics)), None
+        while _job_status(cluster, job_id) in ("RUNNING", "PENDING"):
+            assert time.time() < deadline, "the job did not finish"
+            if after is None and len(_rows(metrics)) >= stopped_at + 2:
+                after = _rollout_placement(cluster)
+            time.sleep(1)
+        assert _job_status(cluster, job_id) == "SUCCEEDED"
+        assert after == {next(iter(nodes)): 2}, after  # both on the remaining node
+        rows = _rows(metrics)
+        assert [r["step"] for r in rows] == list(range(1, 11))
+        assert all(r["actors/rollout"] == 2 for r in rows)
+        assert stopped_at < 10
+    finally:
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", cluster["dashboard"],
+                        job_id], env=cluster["env"], capture_output=True, timeout=120)
+        for node in nodes.values():
+            _stop_node(node)
