@@ -219,6 +219,16 @@ class BufferService:
         """The buffer as it was at the checkpoint of `step` (a resumed run restarts there)."""
         return self._redis("roll the buffer back", lambda: self.store.rollback_to(step))
 
+    def redis_memory(self) -> dict[str, int]:
+        """Redis's own memory numbers (INFO): bytes used by data, resident set, keys."""
+        def read():
+            info = self.client.info("memory")
+            return {"used_memory": int(info["used_memory"]),
+                    "used_memory_rss": int(info["used_memory_rss"]),
+                    "keys": int(self.client.dbsize())}
+
+        return self._redis("read Redis memory", read)
+
     def identity(self) -> dict:
         """This actor's process id and Ray node id (fault tests, placement checks)."""
         import ray

@@ -82,6 +82,12 @@ class LearnerWorker:
         self.engine = None
         self.version = 0
 
+    def identity(self) -> dict:
+        """This rank's process id and Ray node id (fault tests, memory checks)."""
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: the rendezvous of the group (rank 0 only)."""
         import ray
