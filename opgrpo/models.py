@@ -146,9 +146,16 @@ class FlowPolicy:
             for name in ("vae", "text_encoder_3", "tokenizer_3")
             if index.get(name, [None])[0] is None
         }
-        pipeline = StableDiffusion3Pipeline.from_pretrained(
-            path, local_files_only=True, **{_dtype_kwarg(): torch.float32}, **absent
-        )
+        try:  # safetensors only: a pickled .bin checkpoint could run code when loaded
+            pipeline = StableDiffusion3Pipeline.from_pretrained(
+                path, local_files_only=True, use_safetensors=True,
+                **{_dtype_kwarg(): torch.float32}, **absent
+            )
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"model.path {path}: cannot load it with safetensors weights only ({exc}); "
+                "pickled .bin weights are not loaded: convert them with save_pretrained("
+                "safe_serialization=True)") from None
         return cls(pipeline, max_sequence_length=max_sequence_length, **kwargs)
 
     def _frozen_modules(self) -> list[torch.nn.Module]:

@@ -368,10 +368,7 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
     address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
     # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster
     # that an earlier `ray start` on this machine left in /tmp/ray/ray_current_cluster.
-    local = {} if address else (
-        {"include_dashboard": True, "dashboard_host": config.run.dashboard_host}
-        if config.run.dashboard_host else {"include_dashboard": False})
-    ray.init(address=address or "local", namespace=NAMESPACE, log_to_driver=False, **local)
+    ray.init(**ray_init_options(config, address))
     previous = _stop_on_sigterm()
     try:
         return trainer.run()
@@ -380,6 +377,17 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
         ray.shutdown()  # a local Ray stops all its processes; a cluster keeps running
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def ray_init_options(config: Config, address: str | None) -> dict:
+    """`ray.init` arguments: join `address`, or start a local Ray whose dashboard is off, or
+    bound to `run.dashboard_host` (127.0.0.1 keeps it off the network)."""
+    options = {"address": address or "local", "namespace": NAMESPACE, "log_to_driver": False}
+    if not address:
+        options["include_dashboard"] = config.run.dashboard_host is not None
+        if config.run.dashboard_host is not None:
+            options["dashboard_host"] = config.run.dashboard_host
+    return options
 
 
 def _stop_on_sigterm():

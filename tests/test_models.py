@@ -128,6 +128,20 @@ def test_bad_model_directories_are_named(tmp_path, tiny_sd3_dir):
         check_model_dir(tmp_path)
 
 
+def test_pickled_weights_are_refused_not_loaded(tmp_path, tiny_sd3_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_sd3_dir, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), model / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors weights only"):
+        FlowPolicy.from_pretrained(model)
+
+
 def test_image_size_must_fit_vae_and_patch(policy):
     with pytest.raises(ValueError, match="multiple of 4"):
         policy.latent_shape(30, 32)
