@@ -128,9 +128,13 @@ class RolloutPool:
 
     def set_weights(self, weights_ref, version: int) -> None:
         self.weights_ref, self.version = weights_ref, version
-        if self.control is not None:  # first: an actor restarting from now on loads these
-            ray.get(self.control.set_weights.remote([weights_ref], version))
-        ray.get([w.set_weights.remote(weights_ref, version) for w in self.workers])
+        # The control actor holds them for actors that (re)start from now on; a push to an
+        # actor that dies meanwhile is re-run by Ray on its restarted process, after the
+        # constructor, so every actor ends up with `version` before its next task.
+        pending = [w.set_weights.remote(weights_ref, version) for w in self.workers]
+        if self.control is not None:
+            pending.append(self.control.set_weights.remote([weights_ref], version))
+        ray.get(pending)
 
     def replace_dead(self) -> int:
         """Replace actors that are gone for good (restarts used up, node lost); returns how
