@@ -328,8 +328,7 @@ class Trainer:
                 with timed("rollout", timings):
                     rollout = iteration.launch(step, self.dataset, self.version)
                     ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
-                    ray.get(rollout.trajectories)  # a lost chunk raises here, not in training
-                with timed("reward", timings):
+                with timed("reward", timings):  # a lost chunk's error surfaces in its reward
                     return rollout, score(rollout)
             except Exception as exc:
                 if not is_actor_failure(exc) or attempt == ROLLOUT_ATTEMPTS:
