@@ -178,6 +178,12 @@ def _train_reward(result: dict, window: int = 25) -> np.ndarray:
                      for i in range(len(values))])
 
 
+def _train_seconds(result: dict, steps: int) -> float:
+    """Seconds of the first `steps` training iterations (evaluations excluded)."""
+    return float(np.sum([x for x in result["metrics"]["time/iteration"][:steps]
+                         if x is not None]))
+
+
 def _first_reach(curve: np.ndarray, target: float, steps: np.ndarray) -> int | None:
     hit = np.nonzero(curve >= target)[0]
     return int(steps[hit[0]]) if len(hit) else None
@@ -233,6 +239,14 @@ def report() -> dict:
             out["step_ratio_peak"] = _ratio(reach_peak, total)
             out["opgrpo_steps_to_grpo_final_train_reward"] = reach_train
             out["step_ratio_train_reward"] = _ratio(reach_train, total)
+            # wall-clock: OP-GRPO's training seconds until it reached GRPO's final accuracy,
+            # against GRPO's training seconds for the whole budget (evaluations excluded)
+            out["opgrpo_seconds_to_grpo_final"] = [
+                None if n is None else _train_seconds(r, n) for r, n in zip(opg, reach)]
+            out["grpo_seconds_total"] = [_train_seconds(r, r["steps"]) for r in grpo]
+            secs = out["opgrpo_seconds_to_grpo_final"]
+            if None not in secs:
+                out["wall_clock_ratio"] = float(np.mean(secs) / np.mean(out["grpo_seconds_total"]))
     for name, r in results.items():
         m = r["metrics"]
         iteration = [x for x in m["time/iteration"] if x is not None]
