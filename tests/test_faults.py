@@ -3,8 +3,9 @@ middle of a rollout, Redis stopped and restarted under the run, the driver kille
 
 Every run here is compared with one undisturbed reference run of the same config and seed:
 rollout seeds depend only on (seed, step, prompt), so work that is redone after a fault must
-give the same batch, and the same batch must give the learner the same update. Equal metrics
-rows are the evidence that no group was lost, trained twice or trained half.
+give the same batch, and the same batch must give the learner the same update. Equal rewards
+and equal losses (up to float noise of a fresh process) are the evidence that no group was
+lost, trained twice or trained half.
 """
 
 import contextlib
@@ -33,10 +34,14 @@ from opgrpo.train import Trainer
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 STEPS = 4
-# what the learner and the rewards computed: equal only if every step saw the same batch
-COMPARED = (M.REWARD_MEAN, M.REWARD_STD, M.REWARD_DATASET_MEAN, M.REWARD_REPLAYED_MEAN,
-            M.LOSS_POLICY, M.LOSS_KL, M.LOSS_APPROX_KL, M.LOSS_CLIPFRAC_OFFPOLICY,
-            M.LOSS_SEQ_WEIGHT_MEAN, M.ADV_MASKED_FRACTION, M.POLICY_VERSION_LAG_MAX, "version")
+# What the rewards and the batch composition give: identical when every step saw the same
+# batch (a lost, doubled or half-trained group changes them).
+EXACT = (M.REWARD_MEAN, M.REWARD_STD, M.REWARD_DATASET_MEAN, M.REWARD_REPLAYED_MEAN,
+         M.ADV_MASKED_FRACTION, M.POLICY_VERSION_LAG_MAX, M.LOSS_CLIPFRAC_OFFPOLICY, "version")
+# What the learner computes from log-probabilities: a process that starts fresh (a replaced
+# actor, a resumed run) may pick other matmul kernels (memory alignment), which moves values
+# in the 7th digit; a wrong batch moves them in the 1st or 2nd.
+CLOSE = (M.LOSS_POLICY, M.LOSS_KL, M.LOSS_APPROX_KL, M.LOSS_SEQ_WEIGHT_MEAN)
 
 
 def _data(tmp_path, name, **sections):
@@ -65,19 +70,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _same(value, expected) -> bool:
+def _same(value, expected, close: bool = False) -> bool:
     if isinstance(expected, float) and math.isnan(expected):
         return isinstance(value, float) and math.isnan(value)
+    if close:
+        return math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6)
     return value == expected
 
 
 def _assert_rows_match(rows, reference, steps=None):
     steps = steps or [r["step"] for r in reference]
     by_step = {r["step"]: r for r in rows}
-    for step in steps:
-        for key in COMPARED:
-            ref = reference[step - 1][key]
-            assert _same(by_step[step][key], ref), (step, key, by_step[step][key], ref)
+    wrong = [(step, key, by_step[step][key], reference[step - 1][key])
+             for step in steps for key in (*EXACT, *CLOSE)
+             if not _same(by_step[step][key], reference[step - 1][key], key in CLOSE)]
+    assert not wrong, wrong
 
 
 def _buffer_content(trainer, step) -> dict[str, float]:
