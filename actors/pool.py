@@ -60,6 +60,14 @@ def is_actor_failure(exc: BaseException) -> bool:
                             ray.exceptions.ActorUnavailableError))
 
 
+def is_lost_data(exc: BaseException) -> bool:
+    """An object (a rollout chunk) went away with the node that held it."""
+    from learner.worker import BatchLost
+
+    return isinstance(exc, (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFetchTimedOutError,
+                            BatchLost))
+
+
 class RolloutPool:
     """N rollout actors; every actor holds the current weights before it receives work."""
 

@@ -28,6 +28,10 @@ from opgrpo.trajectory import Trajectory
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
+
+class BatchLost(RuntimeError):
+    """An iteration's trajectories could not be fetched; the driver draws the step again."""
+
 log = logging.getLogger(__name__)
 
 
@@ -137,9 +141,7 @@ class LearnerWorker:
         chunks: rollout results (object refs or values) this shard draws from.
         rows: one per trajectory: {chunk, index, advantage, valid}.
         """
-        import ray
-
-        resolved = [ray.get(c) if isinstance(c, ray.ObjectRef) else c for c in chunks]
+        resolved = self._fetch_all(chunks)
         trajectories: list[Trajectory] = [resolved[r["chunk"]][r["index"]] for r in rows]
         advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
         valid = torch.tensor([r["valid"] for r in rows], dtype=torch.bool)
@@ -163,6 +165,31 @@ class LearnerWorker:
                     num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass))
         self.version += 1
         return nan_mean(collected)
+
+    def _fetch_all(self, chunks: list) -> list:
+        """Every chunk this rank trains on, or BatchLost on every rank: the ranks agree before
+        any compute, so a group is trained whole or not at all (a chunk can be lost with the
+        node whose object store held it)."""
+        import ray
+
+        try:
+            resolved, missing = [ray.get(c) if isinstance(c, ray.ObjectRef) else c
+                                 for c in chunks], None
+        except (ray.exceptions.ObjectLostError, ray.exceptions.ObjectFetchTimedOutError,
+                ray.exceptions.RayActorError) as exc:
+            resolved, missing = [], exc
+        lost = 1 if missing is not None else 0
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([lost], dtype=torch.int64)
+            dist.all_reduce(flag)
+            lost = int(flag.item())
+        if lost:
+            raise BatchLost(f"rank {self.rank}: trajectories of this iteration were lost before "
+                            f"training ({type(missing).__name__ if missing else 'on another rank'}"
+                            "); no rank trained on them")
+        return resolved
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)

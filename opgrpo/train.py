@@ -28,6 +28,7 @@ from actors.pool import (
     control_name,
     fault_options,
     is_actor_failure,
+    is_lost_data,
 )
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
@@ -275,19 +276,29 @@ class Trainer:
         cfg, timings = self.config, {}
         start = time.perf_counter()
         self.rollout.resize(self._requested_rollout())
-        rollout, reward_means = self._rollout_and_score(iteration, step, timings)
-        samples = rollout.samples
-        adv = advantages_of(cfg, samples)
-        # Buffer admission runs in the buffer actor while the learner trains: neither reads
-        # what the other writes, and the next step's replay sampling waits for both.
-        admitted = admit_winners(self.buffer, rollout, samples, adv, step)
-        with timed("train", timings):
-            shards = learner_shards(cfg, samples, adv)
-            stats = nan_mean(ray.get(
-                self.learners.train_async(rollout.trajectories, shards, step)))
+        for attempt in range(1, ROLLOUT_ATTEMPTS + 1):
+            rollout, reward_means = self._rollout_and_score(iteration, step, timings)
+            samples = rollout.samples
+            adv = advantages_of(cfg, samples)
+            # Buffer admission runs in the buffer actor while the learner trains: neither
+            # reads what the other writes, and the next step's replay sampling waits for both.
+            admitted = admit_winners(self.buffer, rollout, samples, adv, step)
+            try:
+                with timed("train", timings):
+                    shards = learner_shards(cfg, samples, adv)
+                    stats = nan_mean(ray.get(
+                        self.learners.train_async(rollout.trajectories, shards, step)))
+                break
+            except Exception as exc:
+                if not is_lost_data(exc) or attempt == ROLLOUT_ATTEMPTS:
+                    raise
+                ray.wait(admitted, num_returns=len(admitted), timeout=300)
+                log.warning("step %d: trajectories were lost with their node before training "
+                            "(%s); no rank trained on them, drawing the step again", step,
+                            type(exc).__name__)
         with timed("buffer", timings):  # what admission adds after training (usually ~0)
             try:
-                outcomes = [o for chunk in ray.get(admitted) for o in chunk]
+                outcomes = self._admission_outcomes(admitted, step)
                 buffer_stats = ray.get(self.buffer.stats.remote())
             except RedisUnavailable as exc:  # the step is trained: log it, then stop
                 self.redis_down, outcomes = exc, []
@@ -316,6 +327,21 @@ class Trainer:
                                                       "replaced_lowest") for o in outcomes),
                "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks}
         return row
+
+    @staticmethod
+    def _admission_outcomes(admitted: list, step: int) -> list[str]:
+        """Outcomes of the step's admissions. A chunk lost with its node after training is
+        not admitted (the buffer keeps what it had); anything else is raised."""
+        outcomes = []
+        for ref in admitted:
+            try:
+                outcomes += ray.get(ref)
+            except Exception as exc:
+                if not is_lost_data(exc):
+                    raise
+                log.warning("step %d: a chunk was lost before the buffer read it (%s); its "
+                            "group winners are not admitted", step, type(exc).__name__)
+        return outcomes
 
     def _rollout_and_score(self, iteration: Iteration, step: int, timings: dict):
         """Launch the rollout and wait for it and its rewards. A crashed actor is restarted by
