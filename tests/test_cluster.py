@@ -174,6 +174,18 @@ def test_auto_rollout_grows_when_a_node_joins(cluster, tmp_path):
             _stop_node(worker)
 
 
+def _wait_for_node(cluster, marker: str, process: subprocess.Popen) -> None:
+    """Until the node holding resource `marker` is alive in the cluster."""
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + 120
+    while not any(marker in (n.resources_total or {}) and n.state == "ALIVE"
+                  for n in list_nodes(address=cluster["dashboard"])):
+        assert process.poll() is None, f"the worker node with {marker} exited"
+        assert time.time() < deadline, f"the worker node with {marker} did not join"
+        time.sleep(1)
+
+
 def _rollout_placement(cluster) -> dict[str, int]:
     """Alive rollout actors per node name ('a' / 'b': the worker nodes' marker resources)."""
     from ray.util.state import list_actors, list_nodes
@@ -199,9 +211,12 @@ def test_rollout_continues_when_a_worker_node_is_lost(cluster, tmp_path):
     with 0 CPUs nothing else lands there). Stopping one mid-run: Ray restarts its actors on
     the other node, which load the current weights, and the job finishes every step."""
     slots = '{"rollout_slot": 2, "node_%s": 1}'
-    nodes = {name: _start_node(cluster["env"], cluster["temp_dir"], f"--address={cluster['gcs']}",
-                               "--num-cpus=0", f"--resources={slots % name}")
-             for name in ("a", "b")}
+    nodes = {}
+    for name in ("a", "b"):  # one after the other: two raylets starting at once can collide
+        nodes[name] = _start_node(cluster["env"], cluster["temp_dir"],
+                                  f"--address={cluster['gcs']}", "--num-cpus=0",
+                                  f"--resources={slots % name}")
+        _wait_for_node(cluster, f"node_{name}", nodes[name])
     job_id = f"opgrpo-nodeloss-{int(time.time())}"
     overrides = [f"train.num_steps={STEPS_NODE_LOSS}", "train.eval_prompts_file=null",
                  "run.name=nodeloss",
