@@ -302,3 +302,45 @@ def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
     rows = _rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
+
+
+def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
+    """`kill` / `ray job stop` / a container stop send SIGTERM: the driver shuts its actors, the
+    embedded Redis and its local Ray down, and leaves no process behind."""
+    data = _data(tmp_path, "sigterm", train={"num_steps": 1000, "checkpoint_every": 1000})
+    config_file = tmp_path / "sigterm.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    metrics = tmp_path / "sigterm" / "metrics.jsonl"
+    driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
+                               str(config_file)], cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while len(_rows(metrics)) < 1:
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        started = psutil.Process(driver.pid).children(recursive=True)
+        redis_servers = [p for p in psutil.process_iter(["name"])
+                         if p.info["name"] == "redis-server"
+                         and _cwd(p) == str((tmp_path / "sigterm" / "redis").resolve())]
+        assert len(redis_servers) == 1  # the run's embedded Redis
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM
+    time.sleep(2)  # a process may take a moment to be reaped
+    left = [p for p in [*started, *redis_servers] if p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [(p.pid, p.name()) for p in left]
+
+
+def _cwd(process) -> str | None:
+    try:
+        return process.cwd()
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return None
