@@ -329,14 +329,23 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
         assert len(redis_servers) == 1  # the run's embedded Redis
         driver.send_signal(signal.SIGTERM)
         code = driver.wait(timeout=120)
-    finally:
+        time.sleep(2)  # a process may take a moment to be reaped
+        left = [(p.pid, p.name()) for p in [*started, *redis_servers] if _alive(p)]
+    finally:  # (only cleans up after a failure: the checks above ran first)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
+        for p in redis_servers if "redis_servers" in locals() else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     assert code == 128 + signal.SIGTERM
-    time.sleep(2)  # a process may take a moment to be reaped
-    left = [p for p in [*started, *redis_servers] if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [(p.pid, p.name()) for p in left]
+    assert not left, left
+
+
+def _alive(process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _cwd(process) -> str | None:
