@@ -313,6 +313,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     env.pop("RAY_ADDRESS", None)
     metrics = tmp_path / "sigterm" / "metrics.jsonl"
+    redis_servers: list[psutil.Process] = []
     driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
                                str(config_file)], cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -334,7 +335,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
     finally:  # (only cleans up after a failure: the checks above ran first)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-        for p in redis_servers if "redis_servers" in locals() else []:
+        for p in redis_servers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
     assert code == 128 + signal.SIGTERM
