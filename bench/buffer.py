@@ -42,9 +42,9 @@ def trajectory(i: int, rng: np.random.Generator):
 
 def run_backend(name: str, url: str | None, run_dir: str, dtype: str, args) -> dict:
     from buffer_service.actor import BufferService
+    from opgrpo.config import BufferConfig
 
-    config = {"capacity": args.capacity, "decay_gamma": 0.99, "max_age": None,
-              "admit_min_advantage": 0.0, "redis_url": url}
+    config = BufferConfig(capacity=args.capacity, redis_url=url).model_dump()
     service = BufferService(config, run_dir, f"bench:{name}:{dtype}", dtype)
     rng = np.random.default_rng(0)
     trajs = [trajectory(i, rng) for i in range(16)]  # reused: generation is not measured

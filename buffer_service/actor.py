@@ -16,32 +16,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
 from buffer_service.store import CorruptEntry, RedisBufferStore, StoredEntry
+from opgrpo.config import redact_url
 from opgrpo.trajectory import Trajectory, decode_trajectories, encode_trajectories
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def redacted(url: str) -> str:
-    """`url` without its password (for logs, errors and the run's config.yaml)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    host = parts.hostname or ""
-    netloc = user + host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def redis_client(url: str, timeout_s: float = 5.0) -> redis.Redis:
     """A client for `url`; the password comes from the URL, else from `REDIS_PASSWORD`."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"buffer.redis_url {redacted(url)!r} must start with redis://, "
+        raise ValueError(f"buffer.redis_url {redact_url(url)!r} must start with redis://, "
                          "rediss:// or unix://")
     password = None if urlsplit(url).password else os.environ.get("REDIS_PASSWORD") or None
     return redis.Redis.from_url(url, password=password, socket_connect_timeout=timeout_s,
@@ -64,12 +54,12 @@ def connect_redis(url: str | None, run_dir: str | Path | None):
             if not isinstance(exc, redis.AuthenticationError) and "AUTH" not in str(exc):
                 raise
             if not has_password:
-                raise ConnectionError(f"Redis at {redacted(url)} needs a password: put it in "
+                raise ConnectionError(f"Redis at {redact_url(url)} needs a password: put it in "
                                       f"the URL or in REDIS_PASSWORD ({exc})") from None
-            raise ConnectionError(f"Redis at {redacted(url)} refused the password (buffer."
+            raise ConnectionError(f"Redis at {redact_url(url)} refused the password (buffer."
                                   f"redis_url / REDIS_URL / REDIS_PASSWORD): {exc}") from None
         except redis.RedisError as exc:
-            raise ConnectionError(f"cannot reach Redis at {redacted(url)} (buffer.redis_url / "
+            raise ConnectionError(f"cannot reach Redis at {redact_url(url)} (buffer.redis_url / "
                                   f"REDIS_URL): {exc}") from None
         return client, None
     if run_dir is None:
@@ -105,14 +95,14 @@ class BufferService:
     def __init__(self, buffer_config: dict, run_dir: str, namespace: str,
                  latent_dtype: str = "float32") -> None:
         self.config = buffer_config
-        self.timeout_s = float(buffer_config.get("redis_timeout_s", 120.0))
+        self.timeout_s = float(buffer_config["redis_timeout_s"])
         self.url = buffer_config.get("redis_url") or os.environ.get("REDIS_URL")
-        self.where = redacted(self.url) if self.url else f"embedded Redis in {run_dir}/redis"
+        self.where = redact_url(self.url) if self.url else f"embedded Redis in {run_dir}/redis"
         self.client, self._embedded = connect_redis(buffer_config.get("redis_url"), run_dir)
         self.store = self._redis("open the buffer", lambda: RedisBufferStore(
             self.client, namespace, buffer_config["capacity"], buffer_config["decay_gamma"],
             buffer_config["max_age"], buffer_config["admit_min_advantage"],
-            keep_removed=buffer_config.get("exact_resume", True)))
+            keep_removed=buffer_config["exact_resume"]))
         self.latent_dtype = latent_dtype
         self.busy_s = 0.0  # seconds spent in admit/sample/evict, reported by stats()
         self.outages = 0  # times Redis stopped answering and came back

@@ -301,11 +301,18 @@ def dump_config(config: Config) -> str:
     """The resolved config as YAML (written to a run directory as config.yaml), with any Redis
     password removed from the URL: a resumed run takes it from REDIS_PASSWORD or REDIS_URL."""
     data = config.model_dump(mode="json")
-    url = data["buffer"]["redis_url"]
-    if url:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            user = f"{parts.username}@" if parts.username else ""
-            host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-            data["buffer"]["redis_url"] = urlunsplit(parts._replace(netloc=user + host))
+    if data["buffer"]["redis_url"]:
+        data["buffer"]["redis_url"] = redact_url(data["buffer"]["redis_url"], mask=None)
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def redact_url(url: str, mask: str | None = "***") -> str:
+    """`url` with its password replaced by `mask` (for logs and errors), or removed (None)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    if mask is not None:
+        user += f":{mask}"
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))

@@ -11,12 +11,13 @@ import pytest
 
 from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
 from buffer_service.local_server import LocalRedis, free_port
+from opgrpo.config import BufferConfig
 from opgrpo.trajectory import Trajectory
 
 
 def _config(url, **extra):
-    return {"capacity": 8, "decay_gamma": 0.99, "max_age": None, "admit_min_advantage": 0.0,
-            "redis_url": url, "redis_timeout_s": 30.0, "exact_resume": True, **extra}
+    return BufferConfig(**{"capacity": 8, "redis_url": url, "redis_timeout_s": 30.0,
+                           **extra}).model_dump()
 
 
 def _trajectories(n, step=0):
