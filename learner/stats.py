@@ -16,7 +16,7 @@ from opgrpo import metrics as M
 from opgrpo.trajectory import Trajectory
 
 
-def _mean(values: list[float]) -> float:
+def finite_mean(values: list[float]) -> float:
     """Mean of the finite values (a non-finite reward is a dropped sample), NaN if none."""
     kept = [v for v in values if math.isfinite(v)]
     return float(np.mean(kept)) if kept else math.nan
@@ -40,16 +40,16 @@ def batch_statistics(
     replayed_prompts = {t.prompt_key for t in trajectories if t.replayed}
     dataset = [t.reward for t in trajectories if t.prompt_key not in replayed_prompts]
     return {
-        M.REWARD_MEAN: _mean(rewards),
+        M.REWARD_MEAN: finite_mean(rewards),
         M.REWARD_STD: (float(np.std([r for r in rewards if math.isfinite(r)]))
                        if any(math.isfinite(r) for r in rewards) else math.nan),
         M.REWARD_DROPPED: float(advantages.num_dropped),
-        M.REWARD_FRESH_MEAN: _mean(fresh),
-        M.REWARD_REPLAYED_MEAN: _mean(replayed),
-        M.REWARD_DATASET_MEAN: _mean(dataset),
+        M.REWARD_FRESH_MEAN: finite_mean(fresh),
+        M.REWARD_REPLAYED_MEAN: finite_mean(replayed),
+        M.REWARD_DATASET_MEAN: finite_mean(dataset),
         M.ADV_MASKED_GROUPS: float(advantages.num_masked_groups),
         M.ADV_MASKED_FRACTION: advantages.num_masked_groups / max(1, advantages.num_groups),
         M.BUFFER_REPLAYED_FRACTION: len(replayed_prompts) / max(1, len(prompts)),
-        M.POLICY_VERSION_LAG_MEAN: _mean([float(x) for x in lags]),
+        M.POLICY_VERSION_LAG_MEAN: finite_mean([float(x) for x in lags]),
         M.POLICY_VERSION_LAG_MAX: float(max(lags)) if lags else math.nan,
     }

@@ -22,6 +22,7 @@ import torch
 
 from actors.reward import TOTAL
 from learner.advantages import group_advantages
+from learner.stats import finite_mean
 from opgrpo.config import Config
 from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import trajectory_seed
@@ -143,12 +144,7 @@ def score(rollout: Rollout) -> dict[str, float]:
             if name != TOTAL and not np.isfinite(value):
                 log.warning("reward %r is %s for prompt %r: the sample is dropped from its "
                             "group", name, value, sample.prompt_key)
-    means = {}
-    for name, values in per_name.items():
-        kept = [v for v in values if np.isfinite(v)]
-        if name != TOTAL:
-            means[f"reward/{name}"] = float(np.mean(kept)) if kept else float("nan")
-    return means
+    return {f"reward/{name}": finite_mean(v) for name, v in per_name.items() if name != TOTAL}
 
 
 def advantages_of(config: Config, samples: list[SampleInfo]):
