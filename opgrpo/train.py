@@ -423,6 +423,7 @@ def _stop_on_sigterm():
         return None
 
     def terminate(signum, frame):
+        log.warning("SIGTERM: stopping the run (the last checkpoint is the resume point)")
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, terminate)
