@@ -266,25 +266,34 @@ def test_redis_down_too_long_stops_with_a_checkpoint_and_resume_continues(refere
     assert all(math.isfinite(r[M.LOSS_POLICY]) for r in rows)
 
 
+def _start_driver(tmp_path, name, **sections):
+    """`opgrpo train` of the test config in its own process (and session): (process, metrics
+    file, environment)."""
+    config_file = tmp_path / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(_data(tmp_path, name, **sections)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
+                               str(config_file)], cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return driver, tmp_path / name / "metrics.jsonl", env
+
+
+def _wait_rows(driver, metrics: Path, n: int) -> None:
+    deadline = time.monotonic() + 600
+    while len(_rows(metrics)) < n:
+        assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
     """SIGKILL of the `opgrpo train` process during step 3; `--resume` continues from the
     step-2 checkpoint with the same buffer, optimizer state and seeds: every step once, and
     the same numbers as the undisturbed run."""
-    data = _data(tmp_path, "driver", train={"checkpoint_every": 1})
-    config_file = tmp_path / "driver.yaml"
-    config_file.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    env.pop("RAY_ADDRESS", None)
-    metrics = tmp_path / "driver" / "metrics.jsonl"
-    driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
-                               str(config_file)], cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver, metrics, env = _start_driver(tmp_path, "driver", train={"checkpoint_every": 1})
     try:
-        deadline = time.monotonic() + 600
-        while len(_rows(metrics)) < 2:
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_rows(driver, metrics, 2)
         while not (tmp_path / "driver" / "checkpoints" / "step2").is_dir():
             time.sleep(0.05)
         time.sleep(0.5)  # into step 3
@@ -307,22 +316,11 @@ def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
 def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
     """`kill` / `ray job stop` / a container stop send SIGTERM: the driver shuts its actors, the
     embedded Redis and its local Ray down, and leaves no process behind."""
-    data = _data(tmp_path, "sigterm", train={"num_steps": 1000, "checkpoint_every": 1000})
-    config_file = tmp_path / "sigterm.yaml"
-    config_file.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    env.pop("RAY_ADDRESS", None)
-    metrics = tmp_path / "sigterm" / "metrics.jsonl"
     redis_servers: list[psutil.Process] = []
-    driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
-                               str(config_file)], cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver, metrics, _ = _start_driver(tmp_path, "sigterm", train={"num_steps": 1000,
+                                                                   "checkpoint_every": 1000})
     try:
-        deadline = time.monotonic() + 600
-        while len(_rows(metrics)) < 1:
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_rows(driver, metrics, 1)
         started = psutil.Process(driver.pid).children(recursive=True)
         redis_servers = [p for p in psutil.process_iter(["name"])
                          if p.info["name"] == "redis-server"
