@@ -116,8 +116,12 @@ class RolloutPool:
             log.info("rollout actors: %d", len(self.workers))
 
     def _new_worker(self):
+        # The control actor goes by name, not by handle: a handle among the constructor
+        # arguments is kept in the object store, and Ray warns that a restart needs it there
+        # (ray-project/ray#53727). A name is plain data in the actor's creation task.
         worker = self.actor_cls.options(**self.options).remote(
-            self.data, self._next_index, self.control)
+            self.data, self._next_index,
+            None if self.control is None else control_name(self.config.run.name))
         self._next_index += 1
         return worker
 

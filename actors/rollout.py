@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 class RolloutWorker:
     """One rollout process: a policy copy at weight version `version`."""
 
-    def __init__(self, config: dict, worker_index: int = 0, control=None) -> None:
-        """`control`: the run's Control actor; when it holds weights (a worker added or
-        restarted mid-run), they are loaded here, before this actor takes any task."""
+    def __init__(self, config: dict, worker_index: int = 0, control: str | None = None) -> None:
+        """`control`: the name of the run's Control actor; when it holds weights (a worker
+        added or restarted mid-run), they are loaded here, before this actor takes any task."""
         self.config = Config.model_validate(config)
         torch.manual_seed(self.config.run.seed)
         torch.set_num_threads(torch_threads(self.config, self.config.rollout.num_cpus))
@@ -44,9 +44,12 @@ class RolloutWorker:
         if control is not None:
             self._load_current(control)
 
-    def _load_current(self, control) -> None:
+    def _load_current(self, control_name: str) -> None:
         import ray
 
+        from actors.pool import NAMESPACE
+
+        control = ray.get_actor(control_name, namespace=NAMESPACE)
         refs, version = ray.get(control.get_weights.remote())
         if refs:
             self.set_weights(ray.get(refs[0]), version)
