@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def main() -> None:
     finally:
         trainer.shutdown()
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)  # the run's checkpoints and Redis files
     names = [k for k in samples[0] if k != "step"]
     steps = np.array([s["step"] for s in samples])
     after = steps >= args.warmup
