@@ -394,9 +394,16 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
     # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster
     # that an earlier `ray start` on this machine left in /tmp/ray/ray_current_cluster.
     ray.init(**ray_init_options(config, address))
-    previous = _stop_on_sigterm()
+    received: list[int] = []
+    previous = _stop_on_sigterm(received)
     try:
         return trainer.run()
+    except SystemExit:
+        # A signal that lands inside `ray.get` comes back out of Ray as SystemExit(1); give
+        # the caller the conventional 128 + signal number (143 for SIGTERM).
+        if received:
+            raise SystemExit(128 + received[0]) from None
+        raise
     finally:
         trainer.shutdown()
         ray.shutdown()  # a local Ray stops all its processes; a cluster keeps running
@@ -415,15 +422,17 @@ def ray_init_options(config: Config, address: str | None) -> dict:
     return options
 
 
-def _stop_on_sigterm():
+def _stop_on_sigterm(received: list[int]):
     """SIGTERM (`kill`, `ray job stop`, a container stop) ends the run like Ctrl-C: actors,
     the embedded Redis and a local Ray are shut down instead of left running. The last
-    checkpoint stays the resume point. Returns the previous handler (main thread only)."""
+    checkpoint stays the resume point. The signal number is appended to `received`.
+    Returns the previous handler (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def terminate(signum, frame):
         log.warning("SIGTERM: stopping the run (the last checkpoint is the resume point)")
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, terminate)
