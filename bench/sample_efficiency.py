@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,15 @@ def run_one(name: str, steps: int, eval_every: int) -> None:
         command = [*opgrpo, "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]]
         print(f"[{name}] starting: {' '.join(overrides)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        code = process.wait()
+    finally:  # the runner stopped (SIGTERM, Ctrl-C): stop the run too; it resumes next time
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=300)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     save_result(name, overrides)
 
 
@@ -314,6 +323,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) the runs not finished yet")
