@@ -97,9 +97,10 @@ def _finished(name: str) -> bool:
     return (RESULTS / f"{name}.json").is_file()
 
 
-def run_one(name: str, steps: int, eval_every: int) -> None:
+def run_one(name: str, steps: int, eval_every: int, torch_threads: int | None = None) -> None:
     run_dir = RUNS / name
-    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}",
+    threads = [f"run.torch_threads={torch_threads}"] if torch_threads else []
+    overrides = [*COMMON, *RUNS_DEFINED[name], *threads, f"run.name={name}",
                  f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}",
                  f"train.eval_every={eval_every}"]
     opgrpo = [sys.executable, "-m", "opgrpo", "train"]
@@ -239,6 +240,11 @@ def _train_seconds(result: dict, steps: int) -> float:
                          if x is not None]))
 
 
+def _timed(result: dict) -> bool:
+    """Whether the run had the machine to itself (its seconds are a fair wall-clock)."""
+    return not any(o.startswith("run.torch_threads=") for o in result["overrides"])
+
+
 def _first_reach(curve: np.ndarray, target: float, steps: np.ndarray) -> int | None:
     hit = np.nonzero(curve >= target)[0]
     return int(steps[hit[0]]) if len(hit) else None
@@ -295,12 +301,17 @@ def report() -> dict:
             out["opgrpo_steps_to_grpo_final_train_reward"] = reach_train
             out["step_ratio_train_reward"] = _ratio(reach_train, total)
             # wall-clock: OP-GRPO's training seconds until it reached GRPO's final accuracy,
-            # against GRPO's training seconds for the whole budget (evaluations excluded)
+            # against GRPO's training seconds for the whole budget (evaluations excluded).
+            # Only runs timed alone on the machine count (a run with a run.torch_threads
+            # override shared the cores with another run).
+            out["wall_clock_runs"] = [r["name"] for r in (*grpo, *opg) if _timed(r)]
             out["opgrpo_seconds_to_grpo_final"] = [
-                None if n is None else _train_seconds(r, n) for r, n in zip(opg, reach)]
-            out["grpo_seconds_total"] = [_train_seconds(r, r["steps"]) for r in grpo]
+                None if n is None else _train_seconds(r, n)
+                for r, n in zip(opg, reach) if _timed(r)]
+            out["grpo_seconds_total"] = [_train_seconds(r, r["steps"]) for r in grpo
+                                         if _timed(r)]
             secs = out["opgrpo_seconds_to_grpo_final"]
-            if None not in secs:
+            if secs and out["grpo_seconds_total"] and None not in secs:
                 out["wall_clock_ratio"] = float(np.mean(secs) / np.mean(out["grpo_seconds_total"]))
     for name, r in results.items():
         m = r["metrics"]
@@ -310,6 +321,7 @@ def report() -> dict:
             "final_strict_smoothed": float(_smoothed_eval(r)[-1]),
             # the median is robust to minutes when something else ran on the machine; the
             # sum is what the run really took (both exclude evaluations)
+            "timed_alone": _timed(r),
             "seconds_per_iteration_median": float(np.median(iteration)),
             "seconds_per_iteration_mean": float(np.mean(iteration)),
             "wall_clock_train_s": float(np.sum(iteration)),
@@ -376,6 +388,9 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, choices=sorted(RUNS_DEFINED))
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per run, so that two runners can share the machine "
+                        "(such runs are left out of the wall-clock comparison)")
     sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
     sub.add_parser("list", help="which runs are finished")
     b = sub.add_parser("buffer", help="what the buffer of finished runs holds at the end")
@@ -395,7 +410,8 @@ def main() -> None:
     if args.command == "run":
         for name in args.only or list(RUNS_DEFINED):
             if not _finished(name):
-                run_one(name, *BUDGET.get(name, (args.steps, args.eval_every)))
+                run_one(name, *BUDGET.get(name, (args.steps, args.eval_every)),
+                        torch_threads=args.torch_threads)
                 print(json.dumps(report().get("per_run", {}).get(name)), flush=True)
     print(json.dumps(report(), indent=2))
 
