@@ -61,6 +61,12 @@ RUNS_DEFINED.update({
     "clip-sequence-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2"],
     "clip-naive-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2",
                           "learner.correction=naive"],
+    # A knob the paper leaves open (ALGORITHM.md section 4): admit a group's best only when its
+    # advantage exceeds 1. With the binary shapes reward, a success has advantage
+    # (1 - p) / sqrt(p (1 - p)) in a group solved with frequency p: above 1 only for p < 0.5, so
+    # the buffer keeps rare successes on hard prompts (the paper's case) rather than one success
+    # for almost every prompt (what the defaults keep here: sample_efficiency_buffer.json).
+    "tuned-opgrpo-adv1-s0": ["run.seed=0", "buffer.admit_min_advantage=1.0"],
     # Recipe stability: with full fine-tuning at lr 3e-5, OP-GRPO seed 0 peaked at step 125 and
     # collapsed after step 175 (colours wash out to white), and GRPO seed 0 fell back to its
     # starting accuracy by step 300. Candidates, OP-GRPO only (it collapsed first), on knobs
