@@ -385,10 +385,15 @@ def plot(results: dict, path: Path) -> None:
         if name.startswith(("recipe-", "fullft-")):
             axes[2].plot(steps, acc, marker="o", ms=3, label=name)
             continue
-        family = name.split("-s")[0] if not name.startswith("abl") else None
+        family = name.split("-s")[0] if not name.startswith(("abl", "tuned")) else None
         ax = axes[0] if family else axes[1]
-        kwargs = {"color": colours[family], "alpha": 0.8} if family else {}
+        styles = {"0": "-", "1": "--", "2": ":"}
+        kwargs = ({"color": colours[family], "alpha": 0.8, "ls": styles[name[-1]]} if family
+                  else {})
         ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
+        if family and name.endswith("-s0"):  # the ablations' references (same seed)
+            axes[1].plot(steps, _smooth(acc), color=colours[family], lw=2.5, alpha=0.35,
+                         label=f"{name} (reference)")
     titles = ("GRPO (on-policy) vs OP-GRPO, 3 seeds", "ablations (seed 0)",
               "recipes: full fine-tuning vs candidates (seed 0)")
     for ax, title in zip(axes, titles, strict=True):
