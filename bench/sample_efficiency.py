@@ -260,6 +260,11 @@ def _ratio(reach: list[int | None], total: int) -> float | None:
     return float(np.mean(reach)) / total if reach and None not in reach else None
 
 
+def _censored_ratio(reach: list[int | None], total: int) -> float:
+    """Like `_ratio`, with a seed that never reached the target counted as the whole budget."""
+    return float(np.mean([total if n is None else n for n in reach])) / total
+
+
 def _nan_stat(fn, values: list) -> float | None:
     """fn over the finite values of a metric series (None and NaN skipped), None if none."""
     array = np.array([np.nan if v is None else v for v in values], dtype=float)
@@ -302,8 +307,7 @@ def report() -> dict:
             out["opgrpo_steps_to_grpo_final"] = reach
             out["step_ratio"] = _ratio(reach, total)
             # a seed that never reaches the target counts as the whole budget: a lower bound
-            out["step_ratio_censored"] = float(np.mean(
-                [total if n is None else n for n in reach])) / total
+            out["step_ratio_censored"] = _censored_ratio(reach, total)
             # paired by seed: each seed's eval uses its own fixed image seeds, so OP-GRPO seed s
             # against GRPO seed s's final is the comparison with the least eval noise
             paired = {f"s{s}": _first_reach(_smoothed_eval(results[f"opgrpo-s{s}"]),
@@ -311,8 +315,7 @@ def report() -> dict:
                                             _curve(results[f"opgrpo-s{s}"])[0])
                       for s in SEEDS if f"opgrpo-s{s}" in results and f"grpo-s{s}" in results}
             out["opgrpo_steps_to_same_seed_grpo_final"] = paired
-            out["step_ratio_paired_censored"] = float(np.mean(
-                [total if n is None else n for n in paired.values()])) / total
+            out["step_ratio_paired_censored"] = _censored_ratio(list(paired.values()), total)
             # the same against GRPO's best smoothed accuracy, and on the training reward
             out["opgrpo_steps_to_grpo_peak"] = reach_peak
             out["step_ratio_peak"] = _ratio(reach_peak, total)
@@ -378,6 +381,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = figure(3, figsize=(18, 4.5))
     colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
+    seed_styles = {"0": "-", "1": "--", "2": ":"}
     for name, r in sorted(results.items()):
         if name.startswith("clip-"):
             continue  # clip-fraction runs: two evaluations, not a curve
@@ -387,8 +391,7 @@ def plot(results: dict, path: Path) -> None:
             continue
         family = name.split("-s")[0] if not name.startswith(("abl", "tuned")) else None
         ax = axes[0] if family else axes[1]
-        styles = {"0": "-", "1": "--", "2": ":"}
-        kwargs = ({"color": colours[family], "alpha": 0.8, "ls": styles[name[-1]]} if family
+        kwargs = ({"color": colours[family], "alpha": 0.8, "ls": seed_styles[name[-1]]} if family
                   else {})
         ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
         if family and name.endswith("-s0"):  # the ablations' references (same seed)
