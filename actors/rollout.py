@@ -49,8 +49,14 @@ class RolloutWorker:
 
         from actors.pool import NAMESPACE
 
-        control = ray.get_actor(control_name, namespace=NAMESPACE)
-        refs, version = ray.get(control.get_weights.remote())
+        try:
+            control = ray.get_actor(control_name, namespace=NAMESPACE)
+            refs, version = ray.get(control.get_weights.remote(), timeout=120)
+        except (ValueError, ray.exceptions.RayError) as exc:
+            # The driver finds this actor's version stale and pushes the weights itself.
+            log.warning("rollout actor %d: no weights from %s (%s); waiting for the driver's",
+                        self.worker_index, control_name, type(exc).__name__)
+            return
         if refs:
             self.set_weights(ray.get(refs[0]), version)
         if ray.get_runtime_context().was_current_actor_reconstructed:

@@ -112,16 +112,18 @@ class Trainer:
     # ----- setup ---------------------------------------------------------------------------
     def start_actors(self) -> None:
         cfg, env = self.config, runtime_env(self.config)
-        # The control and buffer actors stay on the driver's node: the embedded Redis keeps
-        # its files in the run directory, which is on this machine (with an external Redis
-        # the buffer actor may move if this node cannot host it).
+        # The control and buffer actors stay on the driver's node: the control actor must
+        # outlive any worker node (a soft preference let Ray place it on a worker node that
+        # was later lost), and the embedded Redis keeps its files in the run directory, which
+        # is on this machine (with an external Redis the buffer actor may move if this node
+        # cannot host it).
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = ray.get_runtime_context().get_node_id()
         external = bool(cfg.buffer.redis_url or os.environ.get("REDIS_URL"))
         self.control = ray.remote(Control).options(
             name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote()
         # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
         self.buffer = ray.remote(BufferService).options(

@@ -186,8 +186,9 @@ def _wait_for_node(cluster, marker: str, process: subprocess.Popen) -> None:
         time.sleep(1)
 
 
-def _rollout_placement(cluster) -> dict[str, int]:
-    """Alive rollout actors per node name ('a' / 'b': the worker nodes' marker resources)."""
+def _placement(cluster, class_name: str = "RolloutWorker") -> dict[str, int]:
+    """Alive actors of a class per node name ('a' / 'b': the worker nodes' marker resources;
+    'head')."""
     from ray.util.state import list_actors, list_nodes
 
     names = {}
@@ -195,7 +196,7 @@ def _rollout_placement(cluster) -> dict[str, int]:
         total = node.resources_total or {}
         names[node.node_id] = "a" if "node_a" in total else "b" if "node_b" in total else "head"
     actors = list_actors(address=cluster["dashboard"], filters=[
-        ("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")])
+        ("class_name", "=", class_name), ("state", "=", "ALIVE")])
     placement: dict[str, int] = {}
     for actor in actors:
         name = names.get(actor.node_id, "?")
@@ -233,13 +234,16 @@ def test_rollout_continues_when_a_worker_node_is_lost(cluster, tmp_path):
             assert time.time() < deadline, "the job wrote no metrics"
             assert _job_status(cluster, job_id) in ("RUNNING", "PENDING"), "the job ended early"
             time.sleep(1)
-        before = _rollout_placement(cluster)
+        before = _placement(cluster)
         assert sum(before.values()) == 2 and set(before) <= {"a", "b"}, before
+        # What the run cannot lose stays with the driver on the head node.
+        for cls in ("Control", "BufferService"):
+            assert _placement(cluster, cls) == {"head": 1}, cls
         lost = max(before, key=before.get)  # a node that hosts rollout actors
         _stop_node(nodes.pop(lost))
         stopped_at = len(_rows(metrics))
         remaining = {next(iter(nodes)): 2}
-        while (after := _rollout_placement(cluster)) != remaining:  # restarted over there
+        while (after := _placement(cluster)) != remaining:  # restarted over there
             assert time.time() < deadline, f"rollout actors did not move: {after}"
             assert _job_status(cluster, job_id) == "RUNNING", _job_logs(cluster, job_id)
             time.sleep(1)
