@@ -53,8 +53,11 @@ class RolloutWorker:
             control = ray.get_actor(control_name, namespace=NAMESPACE)
             refs, version = ray.get(control.get_weights.remote(), timeout=120)
         except (ValueError, ray.exceptions.RayError) as exc:
-            # The driver finds this actor's version stale and pushes the weights itself.
-            log.warning("rollout actor %d: no weights from %s (%s); waiting for the driver's",
+            # A new actor then gets the weights from the driver (RolloutPool._ready). A
+            # restarted one refuses tasks of another version (_check_version) rather than
+            # draw from stale weights; the control actor lives on the driver's node, so this
+            # only happens when that node is going down too.
+            log.warning("rollout actor %d: no weights from %s (%s)",
                         self.worker_index, control_name, type(exc).__name__)
             return
         if refs:
