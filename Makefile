@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint bench bench-sample-efficiency pretrain clean
+.PHONY: install system-deps demo test lint bench bench-sample-efficiency pretrain clean
 
 install: $(STAMP)
 
@@ -51,7 +51,18 @@ pretrain: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install
+# Debian packages the tests use: docker-compose validates docker-compose.yml (there is no
+# Docker engine to run it; tests/test_compose_topology.py runs the same topology as processes).
+DEBS := docker-compose
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@missing=""; for b in $(DEBS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$missing >/dev/null; }; fi
+
+test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -100,6 +100,9 @@ class RolloutPool:
             fits.append(math.floor(free.get("GPU", 0.0) / per_gpu + 1e-9))
         if per_cpu > 0:
             fits.append(math.floor(free.get("CPU", 0.0) / per_cpu + 1e-9))
+        for name, amount in self.options.get("resources", {}).items():
+            if amount > 0:
+                fits.append(math.floor(free.get(name, 0.0) / amount + 1e-9))
         extra = min(fits) if fits else 0
         return max(1, len(self.workers) + extra)
 
@@ -181,6 +184,8 @@ class RewardPool:
         self.functions = config.reward.functions
         self.options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
                         "runtime_env": runtime_env, **fault_options(config)}
+        if config.reward.resources:
+            self.options["resources"] = dict(config.reward.resources)
         self.workers = [self.actor_cls.options(**self.options).remote(self.functions)
                         for _ in range(config.reward.num_actors)]
 

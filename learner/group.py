@@ -30,6 +30,8 @@ class LearnerGroup:
         actor_cls = ray.remote(worker_cls)
         options = {"num_cpus": config.learner.num_cpus, "num_gpus": config.learner.num_gpus,
                    "runtime_env": runtime_env or {}}
+        if config.learner.resources:
+            options["resources"] = dict(config.learner.resources)
         data = config.model_dump(mode="json")
         self.workers = [actor_cls.options(**options).remote(data, rank, k) for rank in range(k)]
         addr, port = ray.get(self.workers[0].address.remote())

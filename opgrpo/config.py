@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,6 +30,20 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources: positive amounts, and not the ones with their own fields."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} has its own field (num_cpus / num_gpus); resources "
+                             "holds custom resources only")
+        if not amount > 0:
+            raise ValueError(f"{name!r}: amount must be > 0, got {amount}")
+    return resources
+
+
+Resources = Annotated[dict[str, float], AfterValidator(_check_resources)]
 
 
 class ModelConfig(_Section):
@@ -70,7 +85,7 @@ class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per iteration.")
     group_size: int = Field(8, ge=2, description="Trajectories per prompt (G).")
     chunk_size: int = Field(8, ge=1, description="Trajectories per rollout task.")
-    resources: dict[str, float] = Field(
+    resources: Resources = Field(
         default_factory=dict, description="Custom Ray resources per rollout actor, e.g. "
         "{rollout_slot: 1} to place rollout actors on nodes started with --resources.")
 
@@ -88,6 +103,9 @@ class RewardConfig(_Section):
     num_actors: int = Field(1, ge=1, description="Reward actors.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per reward actor.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per reward actor (Ray resource).")
+    resources: Resources = Field(
+        default_factory=dict, description="Custom Ray resources per reward actor, e.g. "
+        "{reward_slot: 1} for nodes started with --resources.")
 
 
 class BufferConfig(_Section):
@@ -145,6 +163,9 @@ class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, description="Learner ranks (one DeepSpeed process each).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per learner rank (Ray resource).")
+    resources: Resources = Field(
+        default_factory=dict, description="Custom Ray resources per learner rank, e.g. "
+        "{learner_slot: 1} to keep the ranks off rollout nodes.")
 
 
 class TrainConfig(_Section):
