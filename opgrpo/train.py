@@ -112,15 +112,14 @@ class Trainer:
     # ----- setup ---------------------------------------------------------------------------
     def start_actors(self) -> None:
         cfg, env = self.config, runtime_env(self.config)
-        # The control and buffer actors stay on the driver's node: the control actor must
-        # outlive any worker node (a soft preference let Ray place it on a worker node that
-        # was later lost), and the embedded Redis keeps its files in the run directory, which
-        # is on this machine (with an external Redis the buffer actor may move if this node
-        # cannot host it).
+        # The control and buffer actors stay on the driver's node (hard affinity: a soft
+        # preference let Ray place them on worker nodes, which may be lost): the control
+        # actor must outlive any worker node, and the embedded Redis keeps its files in the
+        # run directory, which is on this machine. With an external Redis the buffer actor
+        # could live anywhere, but the driver's node is the one the run cannot lose anyway.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = ray.get_runtime_context().get_node_id()
-        external = bool(cfg.buffer.redis_url or os.environ.get("REDIS_URL"))
         self.control = ray.remote(Control).options(
             name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -128,7 +127,7 @@ class Trainer:
         # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
         self.buffer = ray.remote(BufferService).options(
             num_cpus=0, runtime_env=env, **fault_options(cfg),
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=external)).remote(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
             cfg.sampling.latent_storage_dtype)
         self.learners = LearnerGroup(cfg, env, self.workers.learner)
