@@ -210,6 +210,7 @@ class Trainer:
                   self.run_dir / "samples" / f"step{step:05d}.png", n, labels)
         with (self.run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **summary}) + "\n")
+        log.info("eval at step %d: %s", step, json.dumps(summary))
         return summary
 
     # ----- the loop ------------------------------------------------------------------------
@@ -237,9 +238,11 @@ class Trainer:
                 metrics_file.flush()
                 if self.redis_down is not None:  # trained, but the buffer's side was lost
                     self._stop_for_redis(self.redis_down, step)
-                progress.update(task, completed=step, info=(
-                    f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
-                    f"{row['time/iteration']:.1f}s/it  actors {row['actors/rollout']}"))
+                info = (f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
+                        f"{row['time/iteration']:.1f}s/it  actors {row['actors/rollout']}")
+                progress.update(task, completed=step, info=info)
+                if not progress.console.is_terminal:  # `ray job logs`, a log file: a line
+                    log.info("step %d/%d  %s", step, cfg.train.num_steps, info)
                 if self.eval_prompts and (step % cfg.train.eval_every == 0
                                           or step == cfg.train.num_steps):
                     summary["eval_last"] = self.evaluate(step)
@@ -384,12 +387,22 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
     if resume:
         run_dir = Path(resume)
         config = load_config(run_dir / "config.yaml", overrides)
+        if not (run_dir / "checkpoints" / "latest.json").is_file():
+            raise FileNotFoundError(
+                f"{run_dir / 'checkpoints' / 'latest.json'} is missing: the run stopped before "
+                f"its first checkpoint (train.checkpoint_every = "
+                f"{config.train.checkpoint_every}), so there is nothing to resume; start it "
+                "again under a new run.name")
     else:
         config = load_config(config_path, overrides)
         run_dir = Path(config.run.output_dir) / config.run.name
         if (run_dir / "checkpoints" / "latest.json").exists():
             raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume "
                                   f"{run_dir} or choose another run.name")
+        if (run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(f"{run_dir} holds a run that stopped before its first "
+                                  "checkpoint; choose another run.name (or delete that "
+                                  "directory)")
     trainer = Trainer(config, run_dir, resume=bool(resume))  # validates files before Ray
     address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
     # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster

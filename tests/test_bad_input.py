@@ -61,3 +61,22 @@ def test_a_bad_override_on_resume_leaves_the_run_untouched(tmp_path, capsys):
     code = main(["train", "--config", str(run / "config.yaml")])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    """Its directory has metrics but no checkpoint: --resume says why there is nothing to
+    resume, and a new run under the same name is refused (it would append to the metrics);
+    both before Ray starts, and the files stay as they were."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(build_config(_data(tmp_path))))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2)))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code = main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "stopped before its first checkpoint" in err
+    assert "train.checkpoint_every" in err
+    code = main(["train", "--config", str(run / "config.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "stopped before its first checkpoint" in err and "run.name" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
