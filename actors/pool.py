@@ -48,6 +48,15 @@ class Control:
     def get_rollout(self) -> int | str | None:
         return self.rollout
 
+    def status(self) -> tuple[int | str | None, int]:
+        """The requested rollout size and the weight version held (-1 after a restart)."""
+        return self.rollout, self.version
+
+    def identity(self) -> dict:
+        import os
+
+        return {"pid": os.getpid()}
+
 
 def fault_options(config: Config) -> dict:
     """Ray restarts a crashed actor (up to run.max_actor_restarts times) and re-runs the tasks
@@ -128,6 +137,17 @@ class RolloutPool:
         self._next_index += 1
         return worker
 
+    def resync(self) -> int:
+        """Push the current weights to every actor that holds another version (restarted
+        while the control actor could not give them); returns how many."""
+        self.restore_control(ray.get(self.control.status.remote())[1]
+                             if self.control is not None else self.version)
+        held = ray.get([w.ready.remote() for w in self.workers])
+        stale = [w for w, v in zip(self.workers, held) if v != self.version]
+        if stale and self.weights_ref is not None:
+            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in stale])
+        return len(stale)
+
     def _ready(self, workers: list) -> None:
         """Wait until `workers` are up and hold the current weights (a new actor loads them
         from the control actor in its constructor when it can, else gets them here)."""
@@ -150,6 +170,15 @@ class RolloutPool:
         if self.control is not None:
             pending.append(self.control.set_weights.remote([weights_ref], version))
         ray.get(pending)
+
+    def restore_control(self, held_version: int) -> None:
+        """A control actor that Ray restarted holds no weights: give it the current ones, so
+        that a rollout actor restarted later loads them."""
+        if self.control is not None and self.weights_ref is not None \
+                and held_version != self.version:
+            log.warning("the control actor lost its state (restarted); weight version %d "
+                        "given to it again", self.version)
+            ray.get(self.control.set_weights.remote([self.weights_ref], self.version))
 
     def replace_dead(self) -> int:
         """Replace actors that are gone for good (restarts used up, node lost); returns how

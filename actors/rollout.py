@@ -21,6 +21,12 @@ from opgrpo.trajectory import Trajectory, decode_trajectories
 log = logging.getLogger(__name__)
 
 
+class StaleWeights(RuntimeError):
+    """A rollout task asked for a weight version this actor does not hold (it was restarted
+    while the control actor had no weights to give it): the driver pushes the current weights
+    and draws the step again."""
+
+
 class RolloutWorker:
     """One rollout process: a policy copy at weight version `version`."""
 
@@ -54,9 +60,8 @@ class RolloutWorker:
             refs, version = ray.get(control.get_weights.remote(), timeout=120)
         except (ValueError, ray.exceptions.RayError) as exc:
             # A new actor then gets the weights from the driver (RolloutPool._ready). A
-            # restarted one refuses tasks of another version (_check_version) rather than
-            # draw from stale weights; the control actor lives on the driver's node, so this
-            # only happens when that node is going down too.
+            # restarted one refuses tasks of another version (StaleWeights) rather than draw
+            # from stale weights, and the driver pushes the weights and redraws the step.
             log.warning("rollout actor %d: no weights from %s (%s)",
                         self.worker_index, control_name, type(exc).__name__)
             return
@@ -80,7 +85,7 @@ class RolloutWorker:
 
     def _check_version(self, expected: int | None) -> None:
         if expected is not None and expected != self.version:
-            raise RuntimeError(f"rollout actor {self.worker_index} holds weight version "
+            raise StaleWeights(f"rollout actor {self.worker_index} holds weight version "
                                f"{self.version}, the iteration needs {expected}")
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:

@@ -31,7 +31,7 @@ from actors.pool import (
     is_lost_data,
 )
 from actors.reward import RewardWorker
-from actors.rollout import RolloutWorker
+from actors.rollout import RolloutWorker, StaleWeights
 from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
@@ -123,6 +123,9 @@ class Trainer:
         self.control = ray.remote(Control).options(
             name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            # A restarted control actor starts empty: the driver puts the weights back at the
+            # next sync, and a pending `opgrpo scale` request is lost (the config's size holds).
+            **fault_options(cfg),
         ).remote()
         # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
         self.buffer = ray.remote(BufferService).options(
@@ -136,7 +139,8 @@ class Trainer:
         self.rollout.resize(self._requested_rollout())
 
     def _requested_rollout(self) -> int:
-        asked = ray.get(self.control.get_rollout.remote())
+        asked, held = ray.get(self.control.status.remote())
+        self.rollout.restore_control(held)
         return self.rollout.target_size(asked if asked is not None
                                         else self.config.rollout.num_actors)
 
@@ -361,7 +365,16 @@ class Trainer:
                 with timed("reward", timings):  # a lost chunk's error surfaces in its reward
                     return rollout, score(rollout)
             except Exception as exc:
-                if not is_actor_failure(exc) or attempt == ROLLOUT_ATTEMPTS:
+                if attempt == ROLLOUT_ATTEMPTS:
+                    raise
+                if isinstance(exc, StaleWeights):
+                    # Restarted while the control actor (restarted too) had no weights.
+                    log.warning("step %d: a restarted rollout actor holds old weights; "
+                                "pushing the current ones and drawing the step's rollout "
+                                "again (attempt %d of %d)", step, attempt + 1, ROLLOUT_ATTEMPTS)
+                    self.rollout.resync()
+                    continue
+                if not is_actor_failure(exc):
                     raise
                 log.warning("step %d: an actor was lost for good (%s); replacing it and "
                             "drawing the step's rollout again (attempt %d of %d)", step,

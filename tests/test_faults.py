@@ -135,7 +135,8 @@ class Saboteur(threading.Thread):
         t = self.trainer
         handle = {"rollout0": lambda: t.rollout.workers[0],
                   "rollout1": lambda: t.rollout.workers[1],
-                  "reward0": lambda: t.rewards.workers[0], "buffer": lambda: t.buffer}[target]()
+                  "reward0": lambda: t.rewards.workers[0], "buffer": lambda: t.buffer,
+                  "control": lambda: t.control}[target]()
         return ray.get(handle.identity.remote())["pid"]
 
     def run(self) -> None:
@@ -144,37 +145,43 @@ class Saboteur(threading.Thread):
             while not (hasattr(self.trainer, "rollout") and len(self.trainer.rollout) == 2):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            for after_rows, target in self.plan:
-                victim = self._target_pid(target)
-                watched = self._target_pid("rollout0") if target != "rollout0" else victim
+            for after_rows, targets in self.plan:  # "a+b": kill a, then b at once
+                victims = {t: self._target_pid(t) for t in targets.split("+")}
+                watched = victims.get("rollout0") or self._target_pid("rollout0")
                 while len(_rows(self.metrics)) < after_rows or not _busy(watched):
-                    assert time.monotonic() < deadline, f"no chance to kill {target}"
-                os.kill(victim, signal.SIGKILL)
-                self.killed.append({"target": target, "pid": victim,
-                                    "rows": len(_rows(self.metrics))})
+                    assert time.monotonic() < deadline, f"no chance to kill {targets}"
+                rows = len(_rows(self.metrics))
+                for target, victim in victims.items():
+                    os.kill(victim, signal.SIGKILL)
+                    self.killed.append({"target": target, "pid": victim, "rows": rows})
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
 
-def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path):
-    """SIGKILL a rollout actor mid-rollout (step 2), the reward actor with scoring pending
-    (step 3) and the buffer actor (step 4): Ray restarts each, the restarted rollout actor loads
-    the current weights before it works, unfinished tasks run again, and the run's numbers
-    are the reference's."""
+def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
+    """SIGKILL the control actor and then a rollout actor mid-rollout (step 2), the reward
+    actor with scoring pending (step 3) and the buffer actor (step 4): Ray restarts each and
+    re-runs their unfinished tasks. The restarted rollout actor finds the restarted control
+    actor empty, so it refuses to draw from old weights; the driver pushes the current ones
+    and draws the step again. The run's numbers are the reference's."""
     trainer = Trainer(build_config(_data(tmp_path, "killed")), tmp_path / "killed")
-    saboteur = Saboteur(trainer, [(1, "rollout0"), (2, "reward0"), (3, "buffer")])
+    saboteur = Saboteur(trainer, [(1, "control+rollout0"), (2, "reward0"), (3, "buffer")])
     saboteur.start()
     try:
         trainer.run()
         saboteur.join(timeout=60)
         assert saboteur.error is None, saboteur.error
-        assert [k["target"] for k in saboteur.killed] == ["rollout0", "reward0", "buffer"]
-        assert [k["rows"] for k in saboteur.killed] == [1, 2, 3]  # each during the next step
+        assert [k["target"] for k in saboteur.killed] == [
+            "control", "rollout0", "reward0", "buffer"], saboteur.killed
+        rows_at = [k["rows"] for k in saboteur.killed]  # each during the next step
+        assert rows_at == [1, 1, 2, 3], rows_at
+        assert "restarted rollout actor holds old weights" in caplog.text
         now = {"rollout0": trainer.rollout.workers[0], "reward0": trainer.rewards.workers[0],
-               "buffer": trainer.buffer}
+               "buffer": trainer.buffer, "control": trainer.control}
         for kill in saboteur.killed:  # the same actor handle, a new process
             assert ray.get(now[kill["target"]].identity.remote())["pid"] != kill["pid"]
         assert ray.get(trainer.rollout.workers[0].ready.remote()) == trainer.version
+        assert ray.get(trainer.control.status.remote())[1] == trainer.version
         content = _buffer_content(trainer, STEPS)
     finally:
         trainer.shutdown()
