@@ -165,3 +165,12 @@ def test_rayjob_placement_matches_entrypoint():
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["REDIS_URL"].startswith("redis://")
         assert container["envFrom"] == [{"secretRef": {"name": "opgrpo-redis"}}]
+
+
+def test_docker_build_context_leaves_out_secrets_and_the_venv():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"deploy/cluster.env", ".venv", "runs", ".git"} <= ignored
+    copied = {w for line in _dockerfile().splitlines() if line.startswith("COPY ")
+              for w in line.split()[1:-1] if not w.startswith("--")}
+    assert not copied & ignored, "the Dockerfile copies something the context leaves out"
