@@ -92,7 +92,7 @@ def accumulate_gradients(
     `backward` must therefore not scale again (`scale_wrt_gas=False`).
     """
     steps = trained_steps(spec.num_steps, settings.timestep_fraction)
-    sigmas = policy.sigmas(spec.num_steps)
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     embeds = policy.encode_prompts(batch.prompts)
     seq_weight = sequence_weights(
         batch.old_logprobs, batch.behaviour_logprobs, batch.off_policy_mask,

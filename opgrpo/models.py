@@ -1,9 +1,17 @@
-"""The policy: an SD3-family flow-matching model loaded from a local diffusers directory.
+"""The policy: a flow-matching model loaded from a local diffusers pipeline directory.
 
 `FlowPolicy` owns the transformer (optionally with LoRA adapters), the scheduler's sigma grid,
 the frozen text encoders (prompts are encoded once and cached) and the VAE decoder. It predicts
-velocities with optional classifier-free guidance and turns final latents into images. Pixel-space
-models (no VAE in the pipeline) decode by identity.
+velocities with optional classifier-free guidance and turns final latents into images (or video
+frames). What differs between model families lives in one adapter module each, chosen by the
+pipeline class in `model_index.json`:
+
+- `opgrpo/policies/sd3.py`: `StableDiffusion3Pipeline` (SD3, SD3.5; pixel-space tiny models too)
+- `opgrpo/policies/flux.py`: `FluxPipeline` (packed latents, guidance embedding)
+- `opgrpo/policies/wan.py`: `WanPipeline` (video latents with a frame axis)
+
+Latents are always kept unpacked, (C, h, w) for images and (C, f, h, w) for video, so the SDE
+math, the trajectory codec and the learner never see a family's internal layout.
 """
 
 from __future__ import annotations
@@ -32,22 +40,23 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning of a batch: prompt_embeds (B, L, D) and pooled (B, P)."""
+    """Text conditioning of a batch: prompt_embeds (B, L, D) and pooled (B, P) (None for
+    families without a pooled embedding, e.g. Wan)."""
 
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def index(self, rows: torch.Tensor | list[int]) -> PromptEmbeds:
-        return PromptEmbeds(self.prompt_embeds[rows], self.pooled[rows])
+        pooled = None if self.pooled is None else self.pooled[rows]
+        return PromptEmbeds(self.prompt_embeds[rows], pooled)
 
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds(
-            torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts])
-        )
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return PromptEmbeds(torch.cat([p.prompt_embeds for p in parts]), pooled)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -89,8 +98,40 @@ def model_defaults(path: str | Path) -> dict:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
 
 
+# Pipeline class in model_index.json -> the module and class of its adapter.
+FAMILIES = {
+    "StableDiffusion3Pipeline": ("opgrpo.policies.sd3", "SD3Policy"),
+    "FluxPipeline": ("opgrpo.policies.flux", "FluxPolicy"),
+    "WanPipeline": ("opgrpo.policies.wan", "WanPolicy"),
+}
+
+
+def policy_class(path: str | Path) -> type[FlowPolicy]:
+    """The adapter class for the pipeline saved in `path` (by its model_index.json)."""
+    import importlib
+
+    index = Path(path) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(f"{index}: pipeline class {name!r} is not supported; supported: "
+                         f"{sorted(FAMILIES)}")
+    module, cls = FAMILIES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
 class FlowPolicy:
-    """Velocity model + text encoders + decoder of one SD3-family pipeline."""
+    """Velocity model + text encoders + decoder of one flow-matching pipeline.
+
+    `FlowPolicy.from_pretrained(DIR)` returns the adapter subclass for DIR's pipeline class.
+    A subclass provides `_encode`, `_forward`, `latent_shape`, `_decode_latents` and, where
+    they differ, `sigmas` and `default_image_size`.
+    """
+
+    pipeline_class = ""  # the diffusers pipeline class (model_index.json `_class_name`)
+    optional_components: tuple[str, ...] = ()  # may be null in model_index.json
+    frozen_names: tuple[str, ...] = ("text_encoder", "vae")
+    default_max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
+    is_video = False
 
     def __init__(
         self,
@@ -101,14 +142,17 @@ class FlowPolicy:
         lora_alpha: float | None = None,
         lora_target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
         keep_reference: bool = False,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        num_frames: int = 1,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.pipeline = pipeline
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.num_frames = num_frames
         self.transformer = pipeline.transformer.to(self.device)
         if self.transformer.dtype != self.dtype:
             self.transformer.to(self.dtype)
@@ -122,32 +166,40 @@ class FlowPolicy:
             self._add_lora(lora_rank, lora_alpha or float(lora_rank), list(lora_target_modules))
         elif keep_reference:
             self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, max_sequence_length: int | None = None, **kwargs
     ) -> FlowPolicy:
-        """Load a local diffusers SD3 pipeline directory (nothing is downloaded).
+        """Load a local diffusers pipeline directory (nothing is downloaded) with the adapter
+        of its pipeline class.
 
         `max_sequence_length` None takes the model directory's own setting (opgrpo_model.json)
-        or DEFAULT_MAX_SEQUENCE_LENGTH.
+        or the family's default.
         """
-        from diffusers import StableDiffusion3Pipeline
-
         path = check_model_dir(path)
+        if cls is FlowPolicy:
+            cls = policy_class(path)
         if max_sequence_length is None:
-            max_sequence_length = model_defaults(path).get(
-                "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH
-            )
+            max_sequence_length = model_defaults(path).get("max_sequence_length")
+        return cls(cls.load_pipeline(path), max_sequence_length=max_sequence_length, **kwargs)
+
+    @classmethod
+    def load_pipeline(cls, path: Path):
+        """The pipeline, float32, safetensors only; optional components may be absent."""
+        import diffusers
+
         index = json.loads((path / "model_index.json").read_text())
-        absent = {
-            name: None
-            for name in ("vae", "text_encoder_3", "tokenizer_3")
-            if index.get(name, [None])[0] is None
-        }
+        if index.get("_class_name") != cls.pipeline_class:
+            raise ValueError(f"{path / 'model_index.json'}: pipeline class "
+                             f"{index.get('_class_name')!r}, expected {cls.pipeline_class!r}")
+        absent = {name: None for name in cls.optional_components
+                  if index.get(name, [None])[0] is None}
         try:  # safetensors only: a pickled .bin checkpoint could run code when loaded
-            pipeline = StableDiffusion3Pipeline.from_pretrained(
+            return getattr(diffusers, cls.pipeline_class).from_pretrained(
                 path, local_files_only=True, use_safetensors=True,
                 **{_dtype_kwarg(): torch.float32}, **absent
             )
@@ -156,11 +208,10 @@ class FlowPolicy:
                 f"model.path {path}: cannot load it with safetensors weights only ({exc}); "
                 "pickled .bin weights are not loaded: convert them with save_pretrained("
                 "safe_serialization=True)") from None
-        return cls(pipeline, max_sequence_length=max_sequence_length, **kwargs)
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-        return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
+        return [m for m in (getattr(self.pipeline, n, None) for n in self.frozen_names)
+                if m is not None]
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
         from peft import LoraConfig
@@ -190,19 +241,20 @@ class FlowPolicy:
         """The image side the transformer was configured for (sample_size latent cells)."""
         return self.transformer.config.sample_size * self.vae_scale_factor
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of the latents for an image of height x width pixels."""
-        factor = self.vae_scale_factor
-        patch = self.transformer.config.patch_size
-        if height % (factor * patch) or width % (factor * patch):
+    def _check_size(self, height: int, width: int, multiple: int) -> None:
+        if height % multiple or width % multiple:
             raise ValueError(
-                f"image size {height}x{width} must be a multiple of {factor * patch} "
-                f"(VAE factor {factor} x patch size {patch}); change model.height/model.width"
-            )
-        return (self.transformer.config.in_channels, height // factor, width // factor)
+                f"image size {height}x{width} must be a multiple of {multiple} for this "
+                "model (VAE factor x patch size); change model.height/model.width")
 
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The sigma grid (T+1,) of `num_steps` steps, from the model's scheduler config."""
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Unpacked latent shape for an image (or video) of height x width pixels."""
+        raise NotImplementedError
+
+    def sigmas(self, num_steps: int, height: int | None = None,
+               width: int | None = None) -> torch.Tensor:
+        """The sigma grid (T+1,) of `num_steps` steps, from the model's scheduler config
+        (`height`/`width` matter only for resolution-dependent shifting)."""
         return sigma_grid(self.scheduler, num_steps)
 
     # ----- text ------------------------------------------------------------------------------
@@ -211,20 +263,25 @@ class FlowPolicy:
         """Embeddings of `prompts`, encoding each distinct prompt once per policy lifetime."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=missing,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
+            embeds, pooled = self._encode(missing)
             for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = (embeds[i].float(), pooled[i].float())
+                self._prompt_cache[prompt] = (
+                    embeds[i].float(), None if pooled is None else pooled[i].float())
         rows = [self._prompt_cache[p] for p in prompts]
-        return PromptEmbeds(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return PromptEmbeds(torch.stack([r[0] for r in rows]), pooled)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds (n, L, D), pooled (n, P) or None) of distinct prompts."""
+        raise NotImplementedError
 
     # ----- velocity -------------------------------------------------------------------------
+    @property
+    def guidance_embedded(self) -> bool:
+        """Guidance-distilled models (FLUX.1-dev) take the guidance scale as an input instead
+        of running classifier-free guidance."""
+        return False
+
     def velocity(
         self,
         latents: torch.Tensor,
@@ -236,31 +293,28 @@ class FlowPolicy:
         """v_theta(x, sigma, c), shape of `latents`, with CFG when guidance_scale > 1.
 
         Args:
-            latents: (B, C, h, w).
+            latents: (B, *latent_shape), unpacked.
             sigma: scalar or (B,) noise level(s) in [0, 1].
             embeds: conditioning of the B rows.
             negative: unconditional embeddings (default: the empty prompt) for CFG.
         """
         batch = latents.shape[0]
-        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        timestep = timestep.expand(batch) * self.scheduler.config.num_train_timesteps
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
+        if self.guidance_embedded:
+            return self._forward(latents, sigma, embeds, guidance_scale)
         if guidance_scale > 1.0:
             if negative is None:
                 negative = self.encode_prompts([""] * batch)
             both = PromptEmbeds.cat([negative, embeds])
-            out = self._forward(torch.cat([latents, latents]), timestep.repeat(2), both)
+            out = self._forward(torch.cat([latents, latents]), sigma.repeat(2), both)
             uncond, cond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
-        return self._forward(latents, timestep, embeds)
+        return self._forward(latents, sigma, embeds)
 
-    def _forward(self, latents, timestep, embeds: PromptEmbeds) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=latents.to(self.device, self.dtype),
-            timestep=timestep.to(self.dtype),
-            encoder_hidden_states=embeds.prompt_embeds.to(self.device, self.dtype),
-            pooled_projections=embeds.pooled.to(self.device, self.dtype),
-            return_dict=False,
-        )[0]
+    def _forward(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
+                 guidance: float | None = None) -> torch.Tensor:
+        """The transformer's velocity for unpacked `latents` at noise levels `sigma` (B,)."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -286,15 +340,20 @@ class FlowPolicy:
     # ----- images ----------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], float32."""
+        """Final latents -> images (B, 3, H, W), or video frames (B, F, 3, H, W), in [0, 1],
+        float32."""
         latents = latents.to(self.device, torch.float32)
         if self.vae is None:
             images = latents
         else:
-            config = self.vae.config
-            scaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
-            images = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
+            images = self._decode_latents(latents)
         return (images / 2 + 0.5).clamp(0, 1)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode of unpacked latents to [-1, 1] pixels."""
+        config = self.vae.config
+        scaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0].float()
 
     # ----- weights ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -120,7 +120,7 @@ def sample_trajectories(
     """One fresh SDE trajectory per (prompt, key, seed) row, drawn as one batch."""
     if not len(prompts) == len(prompt_keys) == len(seeds):
         raise ValueError("prompts, prompt_keys and seeds must have the same length")
-    sigmas = policy.sigmas(spec.num_steps)
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     generators = _generators(seeds)
     shape = policy.latent_shape(spec.height, spec.width)
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
@@ -178,7 +178,7 @@ def rescore_transitions(
     spec: SamplingSpec,
 ) -> np.ndarray:
     """log pi(x_{t+1} | x_t) for each trajectory and each grid index in `steps`: (B, len(steps))."""
-    sigmas = policy.sigmas(spec.num_steps)
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     _check_grid(trajectories, sigmas)
     embeds = policy.encode_prompts([t.prompt for t in trajectories])
     latents = torch.from_numpy(np.stack([t.latents for t in trajectories]))
@@ -210,7 +210,7 @@ def regenerate_from(
         raise ValueError(f"truncate_step must be in [0, {spec.num_steps}], got {k}")
     if len(seeds) != len(trajectories):
         raise ValueError("one seed per trajectory is needed")
-    sigmas = policy.sigmas(spec.num_steps)
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     _check_grid(trajectories, sigmas)
     prefix_old = rescore_transitions(policy, trajectories, list(range(k)), spec)
     embeds = policy.encode_prompts([t.prompt for t in trajectories])
@@ -251,8 +251,8 @@ def sample_ode(
     height: int,
     width: int,
 ) -> torch.Tensor:
-    """Deterministic Euler sampling (evaluation); returns final latents (B, C, h, w)."""
-    sigmas = policy.sigmas(num_steps)
+    """Deterministic Euler sampling (evaluation); returns final latents (B, *latent_shape)."""
+    sigmas = policy.sigmas(num_steps, height, width)
     shape = policy.latent_shape(height, width)
     x = torch.stack([torch.randn(shape, generator=g) for g in _generators(seeds)])
     embeds = policy.encode_prompts(prompts)

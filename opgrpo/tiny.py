@@ -156,3 +156,94 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0, **kwargs) -> Path:
     pipeline = make_tiny_sd3_pipeline(seed=seed, **kwargs)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def make_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance_embeds: bool = True):
+    """A tiny random `FluxPipeline`: CLIP + T5 text encoders, an `AutoencoderKL` with one 2x
+    downsampling (latents 4 x side/2 x side/2, packed 2x2 into 16-wide tokens), a
+    `FluxTransformer2DModel` with a guidance embedding (as FLUX.1-dev) and the dynamic-shift
+    flow-matching scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5_tokenizer = build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=sample_size, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+
+
+def make_tiny_wan_pipeline(seed: int = 0):
+    """A tiny random `WanPipeline`: a UMT5 text encoder, an `AutoencoderKLWan` that compresses
+    time and space 2x (so 5 frames -> 3 latent frames), a `WanTransformer3DModel` and the
+    UniPC scheduler with flow sigmas, as Wan2.1 ships."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer(model_max_length=226)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1))
+    z_dim = 4
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[True], latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 2.0, 1.2, 1.8], scale_factor_temporal=2, scale_factor_spatial=2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z_dim,
+        out_channels=z_dim, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+        num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       transformer=transformer, scheduler=scheduler)
+
+
+TINY_BUILDERS = {"sd3": make_tiny_sd3_pipeline, "flux": make_tiny_flux_pipeline,
+                 "wan": make_tiny_wan_pipeline}
+
+
+def save_tiny(family: str, directory: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Build a tiny pipeline of `family` (sd3, flux, wan) and save it (safetensors)."""
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(TINY_BUILDERS)}")
+    directory = Path(directory)
+    TINY_BUILDERS[family](seed=seed, **kwargs).save_pretrained(directory,
+                                                               safe_serialization=True)
+    return directory

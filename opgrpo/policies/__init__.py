@@ -1,0 +1,1 @@
+"""One adapter per diffusers model family (see `opgrpo.models.FlowPolicy`)."""
