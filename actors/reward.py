@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.rewards import get_reward
+from actors.rewards import get_reward, score_frames
 
 TOTAL = "total"
 
@@ -33,14 +33,16 @@ class RewardWorker:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
-        """images (N, H, W, 3) uint8 -> {TOTAL: weighted sum, name: that reward} (N,) each."""
+        """images (N, H, W, 3) uint8, or videos (N, F, H, W, 3) -> {TOTAL: weighted sum, name:
+        that reward} (N,) each; a video scores the mean of its frames' scores."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        floats = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        floats = np.moveaxis(images.astype(np.float32) / 255.0, -1, -3)
         out: dict[str, np.ndarray] = {}
         total = np.zeros(len(prompts))
         for name, spec in self.specs.items():
-            values = np.asarray(spec.score(floats, prompts)[spec.key], dtype=np.float64)
+            values = np.asarray(score_frames(spec, floats, prompts)[spec.key],
+                                dtype=np.float64)
             out[name] = values
             total += self.weights[name] * values
         out[TOTAL] = total

@@ -21,6 +21,11 @@ from opgrpo.trajectory import Trajectory, decode_trajectories
 log = logging.getLogger(__name__)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) floats in [0, 1] -> (..., H, W, 3) uint8 (images or video frames)."""
+    return (images.movedim(-3, -1).numpy() * 255).round().astype(np.uint8)
+
+
 class StaleWeights(RuntimeError):
     """A rollout task asked for a weight version this actor does not hold (it was restarted
     while the control actor had no weights to give it): the driver pushes the current weights
@@ -36,14 +41,8 @@ class RolloutWorker:
         self.config = Config.model_validate(config)
         torch.manual_seed(self.config.run.seed)
         torch.set_num_threads(torch_threads(self.config, self.config.rollout.num_cpus))
-        self.policy = FlowPolicy.from_pretrained(
-            self.config.model.path,
-            dtype=self.config.model.dtype,
-            lora_rank=self.config.model.lora_rank,
-            lora_alpha=self.config.model.lora_alpha,
-            lora_target_modules=self.config.model.lora_target_modules,
-            max_sequence_length=self.config.model.max_sequence_length,
-        )
+        use_gpu = torch.cuda.is_available() and self.config.rollout.num_gpus > 0
+        self.policy = FlowPolicy.from_config(self.config, device="cuda" if use_gpu else "cpu")
         self.spec = SamplingSpec.from_config(self.config)
         self.worker_index = worker_index
         self.version = -1  # no weights from a learner yet
@@ -101,14 +100,14 @@ class RolloutWorker:
 
     def _images(self, trajectories: list[Trajectory]) -> np.ndarray:
         finals = torch.from_numpy(np.stack([t.latents[-1] for t in trajectories]))
-        images = self.policy.decode(finals)
-        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return to_uint8(self.policy.decode(finals))
 
     def generate(
         self, prompts: list[str], keys: list[str], seeds: list[int],
         expected_version: int | None = None,
     ) -> tuple[list[Trajectory], np.ndarray]:
-        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8.
+        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8 (video:
+        (N, F, H, W, 3)).
         With `expected_version`, refuses to draw from other weights than that version."""
         self._check_version(expected_version)
         trajectories = sample_trajectories(
@@ -132,11 +131,12 @@ class RolloutWorker:
         self, prompts: list[tuple[str, str]], n_per_prompt: int, num_steps: int,
         guidance_scale: float, seed: int,
     ) -> np.ndarray:
-        """ODE samples of (text, key) prompts, prompt-major, as (N, H, W, 3) uint8."""
+        """ODE samples of (text, key) prompts, prompt-major, as (N, H, W, 3) uint8 (video:
+        (N, F, H, W, 3))."""
         from opgrpo.evaluate import EvalSettings, generate
         from opgrpo.prompts import PromptRecord
 
         records = [PromptRecord(key, text) for text, key in prompts]
-        settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed)
-        images = generate(self.policy, records, settings)
-        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed,
+                                height=self.config.model.height, width=self.config.model.width)
+        return to_uint8(generate(self.policy, records, settings))

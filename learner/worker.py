@@ -64,14 +64,22 @@ def deepspeed_config(config: Config) -> dict:
     per_update = n_micro // config.learner.optimizer_steps_per_pass
     backwards = per_update * len(trained_steps(config.sampling.num_steps,
                                                config.learner.timestep_fraction))
+    zero: dict = {"stage": config.learner.zero_stage}
+    if config.learner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if config.learner.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": config.learner.micro_batch_size,
         "gradient_accumulation_steps": backwards,
         "gradient_clipping": config.learner.max_grad_norm,
-        "zero_optimization": {"stage": config.learner.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # The client optimizer (torch AdamW) also steps on offloaded state; DeepSpeed's own
+        # CPU Adam needs a compiled extension.
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": config.model.dtype == "bfloat16"},
-        "fp16": {"enabled": False},
+        "fp16": {"enabled": config.model.dtype == "float16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -112,12 +120,10 @@ class LearnerWorker:
         cfg = self.config
         torch.manual_seed(cfg.run.seed)
         torch.set_num_threads(torch_threads(cfg, cfg.learner.num_cpus))
-        self.policy = FlowPolicy.from_pretrained(
-            cfg.model.path, dtype=cfg.model.dtype, lora_rank=cfg.model.lora_rank,
-            lora_alpha=cfg.model.lora_alpha, lora_target_modules=cfg.model.lora_target_modules,
+        self.policy = FlowPolicy.from_config(
+            cfg, device="cuda" if use_gpu else "cpu",
             keep_reference=cfg.learner.kl_beta > 0 and cfg.model.lora_rank == 0,
-            max_sequence_length=cfg.model.max_sequence_length,
-            device="cuda" if use_gpu else "cpu",
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
         )
         params = self.policy.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.learner.learning_rate,

@@ -60,8 +60,15 @@ class ModelConfig(_Section):
     height: int = Field(512, ge=8, description="Image height in pixels.")
     width: int = Field(512, ge=8, description="Image width in pixels.")
     max_sequence_length: int | None = Field(
-        None, ge=1, description="T5 tokens per prompt; unset = the model directory's setting."
+        None, ge=1, description="T5 tokens per prompt; unset = the model directory's setting "
+        "or the family's default (SD3 77, FLUX 512, Wan 226)."
     )
+    num_frames: int = Field(
+        1, ge=1, description="Frames per video sample (Wan2.1: 4k+1, e.g. 81); 1 for image "
+        "models.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute transformer activations in the backward pass (learner): "
+        "less memory, about a third more compute.")
 
 
 class SamplingConfig(_Section):
@@ -160,6 +167,10 @@ class LearnerConfig(_Section):
         "moves away from pi_old and the clipping has work to do (Flow-GRPO uses 2)."
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: optimizer state and step on the CPU (stage >= 1).")
+    offload_params: bool = Field(
+        False, description="ZeRO-Infinity: parameters on the CPU between uses (stage 3 only).")
     num_ranks: int = Field(1, ge=1, description="Learner ranks (one DeepSpeed process each).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per learner rank (Ray resource).")
@@ -237,6 +248,11 @@ class Config(_Section):
             )
         if self.sampling.noise_level == 0:
             raise ValueError("sampling.noise_level must be > 0 for training (0 has no log-prob)")
+        if self.learner.offload_params and self.learner.zero_stage != 3:
+            raise ValueError("learner.offload_params needs learner.zero_stage 3 "
+                             f"(got {self.learner.zero_stage})")
+        if self.learner.offload_optimizer and self.learner.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
         return self
 
     @property

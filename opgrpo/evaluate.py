@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.rewards import get_reward
+from actors.rewards import get_reward, score_frames
 from opgrpo.models import FlowPolicy
 from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import sample_ode, trajectory_seed
@@ -20,14 +20,18 @@ class EvalSettings:
     guidance_scale: float = 1.0
     seed: int = 0
     batch_size: int = 64
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
 
 
 @torch.no_grad()
 def generate(
     policy: FlowPolicy, records: list[PromptRecord], settings: EvalSettings, progress=None
 ) -> torch.Tensor:
-    """Images (N * n_per_prompt, 3, H, W) in [0, 1], prompt-major, seeds from (seed, key, j)."""
-    size = policy.default_image_size
+    """Images (N * n_per_prompt, 3, H, W), or video frames (N * n_per_prompt, F, 3, H, W), in
+    [0, 1], prompt-major, seeds from (seed, key, j)."""
+    height = settings.height or policy.default_image_size
+    width = settings.width or policy.default_image_size
     rows = [(r.text, trajectory_seed(settings.seed, "eval", r.key, j))
             for r in records for j in range(settings.n_per_prompt)]
     task = progress.add_task("evaluating", total=len(rows)) if progress else None
@@ -35,7 +39,7 @@ def generate(
     for start in range(0, len(rows), settings.batch_size):
         chunk = rows[start : start + settings.batch_size]
         latents = sample_ode(policy, [c[0] for c in chunk], [c[1] for c in chunk],
-                             settings.num_steps, settings.guidance_scale, size, size)
+                             settings.num_steps, settings.guidance_scale, height, width)
         images.append(policy.decode(latents))
         if progress:
             progress.advance(task, len(chunk))
@@ -53,6 +57,6 @@ def evaluate(
     reward = get_reward(reward_name)
     images = generate(policy, records, settings, progress)
     prompts = [r.text for r in records for _ in range(settings.n_per_prompt)]
-    scores = reward.score(images, prompts)
+    scores = score_frames(reward, images, prompts)
     summary = reward.summarize(scores, prompts)
     return summary, images, scores

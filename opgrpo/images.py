@@ -1,4 +1,7 @@
-"""Image grids with captions, saved as PNG: what a person looks at to judge samples."""
+"""Image grids with captions, saved as PNG: what a person looks at to judge samples.
+
+Video samples (N, F, 3, H, W) give the grid of their middle frames as PNG and the whole grid
+animated, frame by frame, as a GIF beside it."""
 
 from __future__ import annotations
 
@@ -25,11 +28,29 @@ def save_grid(
     columns: int,
     labels: list[str] | None = None,
     tile: int = 128,
+    frame_ms: int = 125,
 ) -> Path:
     """Save images (N, 3, H, W) in rows of `columns`; one caption per row, labels per image.
 
-    Row r shows images r*columns .. r*columns+columns-1 with `captions[r]` above them.
+    Row r shows images r*columns .. r*columns+columns-1 with `captions[r]` above them. Videos
+    (N, F, 3, H, W): the PNG shows the middle frames, `path` with suffix .gif all frames.
     """
+    images = torch.as_tensor(images)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5:
+        frames = [_canvas(images[:, f], captions, columns, labels, tile)
+                  for f in range(images.shape[1])]
+        frames[len(frames) // 2].save(path)
+        frames[0].save(path.with_suffix(".gif"), save_all=True, append_images=frames[1:],
+                       duration=frame_ms, loop=0)
+        return path
+    _canvas(images, captions, columns, labels, tile).save(path)
+    return path
+
+
+def _canvas(images: torch.Tensor, captions: list[str], columns: int,
+            labels: list[str] | None, tile: int) -> Image.Image:
     n = images.shape[0]
     if n % columns:
         raise ValueError(f"{n} images do not fill rows of {columns}")
@@ -57,7 +78,4 @@ def save_grid(
             if labels:
                 draw.text((4 + c * (tw + 4), top + th + 1), labels[i], fill="black", font=font)
         y += heights[r]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas

@@ -188,6 +188,16 @@ class FlowPolicy:
         return cls(cls.load_pipeline(path), max_sequence_length=max_sequence_length, **kwargs)
 
     @classmethod
+    def from_config(cls, config, device: str = "cpu", **kwargs) -> FlowPolicy:
+        """The policy a run's `model` section describes (rollout actors, learner ranks)."""
+        model = config.model
+        return cls.from_pretrained(
+            model.path, dtype=model.dtype, device=device, lora_rank=model.lora_rank,
+            lora_alpha=model.lora_alpha, lora_target_modules=model.lora_target_modules,
+            max_sequence_length=model.max_sequence_length, num_frames=model.num_frames,
+            **kwargs)
+
+    @classmethod
     def load_pipeline(cls, path: Path):
         """The pipeline, float32, safetensors only; optional components may be absent."""
         import diffusers
@@ -343,10 +353,7 @@ class FlowPolicy:
         """Final latents -> images (B, 3, H, W), or video frames (B, F, 3, H, W), in [0, 1],
         float32."""
         latents = latents.to(self.device, torch.float32)
-        if self.vae is None:
-            images = latents
-        else:
-            images = self._decode_latents(latents)
+        images = latents if self.vae is None else self._decode_latents(latents)
         return (images / 2 + 0.5).clamp(0, 1)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,7 @@ class Trainer:
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
-        from actors.rewards import get_reward
+        from actors.rewards import get_reward, score_frames
         from opgrpo.images import save_grid
 
         cfg = self.config
@@ -205,8 +205,8 @@ class Trainer:
             cfg.run.seed))
         spec = get_reward(name)
         texts = [t for t, _ in prompts for _ in range(n)]
-        floats = images.astype(np.float32).transpose(0, 3, 1, 2) / 255
-        scores = spec.score(floats, texts)
+        floats = np.moveaxis(images.astype(np.float32) / 255, -1, -3)
+        scores = score_frames(spec, floats, texts)
         summary = spec.summarize(scores, texts)
         shown = min(8, len(prompts)) * n
         labels = [f"{spec.key}={v:.0f}" for v in scores[spec.key][:shown]]

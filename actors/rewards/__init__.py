@@ -54,6 +54,18 @@ REGISTRY: dict[str, RewardSpec] = {
 }
 
 
+def score_frames(spec: RewardSpec, images, prompts: list[str]) -> dict[str, np.ndarray]:
+    """`spec.score` on images (N, 3, H, W), or on video frames (N, F, 3, H, W): every frame
+    is scored with its video's prompt and a video's score is the mean over its frames."""
+    if images.ndim == 4:
+        return spec.score(images, prompts)
+    n, frames = images.shape[:2]
+    flat = images.reshape(n * frames, *images.shape[2:])
+    scores = spec.score(flat, [p for p in prompts for _ in range(frames)])
+    return {name: np.asarray(values, dtype=np.float64).reshape(n, frames).mean(axis=1)
+            for name, values in scores.items()}
+
+
 def get_reward(name: str) -> RewardSpec:
     try:
         return REGISTRY[name]
