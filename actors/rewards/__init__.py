@@ -44,6 +44,18 @@ def _shapes_summary(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
     return summarize(scores, [metadata_for(p) for p in prompts])
 
 
+def _jpeg(images, prompts: list[str]) -> dict[str, np.ndarray]:
+    from actors.rewards.jpeg import compressibility
+
+    return compressibility(np.asarray(images), prompts)
+
+
+def _jpeg_inverse(images, prompts: list[str]) -> dict[str, np.ndarray]:
+    from actors.rewards.jpeg import incompressibility
+
+    return incompressibility(np.asarray(images), prompts)
+
+
 REGISTRY: dict[str, RewardSpec] = {
     "shapes": RewardSpec("shapes", "strict", _shapes_score,
                          "shapes task: 1 if every GenEval-style constraint holds, else 0",
@@ -51,6 +63,10 @@ REGISTRY: dict[str, RewardSpec] = {
     "shapes_partial": RewardSpec("shapes_partial", "partial", _shapes_score,
                                  "shapes task: fraction of constraints that hold",
                                  _shapes_summary),
+    "jpeg": RewardSpec("jpeg", "compressibility", _jpeg,
+                       "JPEG compressibility: minus the kB of the image at quality 95"),
+    "jpeg_incompressibility": RewardSpec("jpeg_incompressibility", "incompressibility",
+                                         _jpeg_inverse, "JPEG size in kB at quality 95"),
 }
 
 
