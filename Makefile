@@ -51,12 +51,13 @@ pretrain: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Debian packages the tests use: docker-compose validates docker-compose.yml (there is no
-# Docker engine to run it; tests/test_compose_topology.py runs the same topology as processes).
-DEBS := docker-compose
+# Debian packages the tests use, as command:package: docker-compose validates
+# docker-compose.yml (there is no Docker engine to run it; tests/test_compose_topology.py runs
+# the same topology as processes); tesseract is the OCR reward's CPU engine.
+DEBS := docker-compose:docker-compose tesseract:tesseract-ocr
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@missing=""; for b in $(DEBS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	@missing=""; for d in $(DEBS); do command -v $${d%%:*} >/dev/null 2>&1 || missing="$$missing $${d#*:}"; done; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \

@@ -211,11 +211,13 @@ class RewardPool:
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RewardWorker) -> None:
         self.actor_cls = ray.remote(worker_cls)
         self.functions = config.reward.functions
+        self.args = (config.reward.functions, config.reward.options, config.reward.device,
+                     config.reward.num_gpus)
         self.options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
                         "runtime_env": runtime_env, **fault_options(config)}
         if config.reward.resources:
             self.options["resources"] = dict(config.reward.resources)
-        self.workers = [self.actor_cls.options(**self.options).remote(self.functions)
+        self.workers = [self.actor_cls.options(**self.options).remote(*self.args)
                         for _ in range(config.reward.num_actors)]
 
     def worker(self, i: int):
@@ -231,7 +233,7 @@ class RewardPool:
                 log.warning("reward actor %d does not answer (%s); replacing it", i,
                             type(exc).__name__)
                 ray.kill(worker, no_restart=True)
-                self.workers[i] = self.actor_cls.options(**self.options).remote(self.functions)
+                self.workers[i] = self.actor_cls.options(**self.options).remote(*self.args)
                 replaced += 1
         return replaced
 

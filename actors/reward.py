@@ -15,10 +15,20 @@ TOTAL = "total"
 class RewardWorker:
     """Holds the reward functions of `reward.functions` ({name: weight})."""
 
-    def __init__(self, functions: dict[str, float]) -> None:
+    def __init__(self, functions: dict[str, float], options: dict | None = None,
+                 device: str = "auto", num_gpus: float = 0.0) -> None:
+        """`options`: reward.options ({name: {option: value}}); `device` auto = cuda when
+        this actor has a GPU (num_gpus > 0) and torch sees one."""
         if not functions:
             raise ValueError("reward.functions is empty: name at least one reward, e.g. shapes")
-        self.specs = {name: get_reward(name) for name in functions}
+        if device == "auto":
+            import torch
+
+            device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        options = options or {}
+        self.device = device
+        self.specs = {name: get_reward(name).load(options.get(name), device)
+                      for name in functions}
         self.weights = dict(functions)
 
     def ready(self) -> bool:
@@ -31,6 +41,12 @@ class RewardWorker:
         import ray
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def score_with(self, name: str, images: np.ndarray, prompts: list[str]
+                   ) -> dict[str, np.ndarray]:
+        """Every score of reward `name` (not only its main key), for evaluation summaries."""
+        floats = np.moveaxis(images.astype(np.float32) / 255.0, -1, -3)
+        return score_frames(self.specs[name], floats, prompts)
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """images (N, H, W, 3) uint8, or videos (N, F, H, W, 3) -> {TOTAL: weighted sum, name:

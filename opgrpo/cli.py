@@ -53,7 +53,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     check_model_dir(args.model)
     args.guidance = _guidance(args)
     records = load_prompts(args.prompts)[: args.max_prompts]
-    policy = FlowPolicy.from_pretrained(args.model)
+    policy = FlowPolicy.from_pretrained(args.model, num_frames=args.num_frames)
     size = policy.default_image_size
     height, width = args.height or size, args.width or size
     images = []
@@ -77,15 +77,42 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     images = torch.cat(images)
     labels = None
     if args.reward:
-        from actors.rewards import get_reward
+        from actors.rewards import get_reward, score_frames
 
-        reward = get_reward(args.reward)
+        reward = get_reward(args.reward).load(_reward_options(args))
         prompts = [r.text for r in records for _ in range(args.n_per_prompt)]
-        values = reward.score(images, prompts)[reward.key]
+        values = score_frames(reward, images, prompts)[reward.key]
         labels = [f"{reward.key}={v:.2f}" for v in values]
         print(f"mean {args.reward} {reward.key}: {float(values.mean()):.3f}")
     out = save_grid(images, [r.text for r in records], args.out, args.n_per_prompt, labels)
     print(f"{len(records)} prompts x {args.n_per_prompt} samples -> {out}")
+    return 0
+
+
+def _reward_options(args: argparse.Namespace) -> dict | None:
+    """--reward-options as YAML/JSON ({model: DIR, ...}), like reward.options.<name>."""
+    import yaml
+
+    if not args.reward_options:
+        return None
+    options = yaml.safe_load(args.reward_options)
+    if not isinstance(options, dict):
+        raise ValueError(f"--reward-options must be a mapping, got {args.reward_options!r}")
+    return options
+
+
+def _cmd_geneval_server(args: argparse.Namespace) -> int:
+    from opgrpo.geneval_server import serve
+
+    serve(args.host, args.port, args.scorer)
+    return 0
+
+
+def _cmd_convert_aesthetic_head(args: argparse.Namespace) -> int:
+    from actors.rewards.aesthetic import convert_head
+
+    names = convert_head(args.source, args.target)
+    print(f"{args.target}: {len(names)} tensors ({', '.join(names)})")
     return 0
 
 
@@ -144,7 +171,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     policy = FlowPolicy.from_pretrained(args.model)
     settings = EvalSettings(args.n_per_prompt, args.steps, args.guidance, args.seed)
     with Progress(transient=True) as progress:
-        summary, images, _ = evaluate(policy, records, args.reward, settings, progress)
+        summary, images, _ = evaluate(policy, records, args.reward, settings, progress,
+                                      _reward_options(args))
     print(json.dumps(summary))
     return 0
 
@@ -232,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default=None, help="label each image with this reward")
+    p.add_argument("--reward-options", default=None, metavar="YAML",
+                   help="options of that reward, e.g. '{model: DIR}'")
+    p.add_argument("--num-frames", type=int, default=1, help="video models: frames (4k+1)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("eval", help="ODE-sample a prompt set and score it; prints JSON")
     p.add_argument("--model", required=True, help="diffusers pipeline directory")
     p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     p.add_argument("--reward", required=True, help="registered reward name, e.g. shapes")
+    p.add_argument("--reward-options", default=None, metavar="YAML",
+                   help="options of that reward, e.g. '{model: DIR}'")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="ODE steps (Flow-GRPO uses 40)")
     p.add_argument("--guidance", type=float, default=None,
@@ -297,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/report.png)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("geneval-server",
+                       help="serve the GenEval scoring contract over HTTP (JSON)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18085)
+    p.add_argument("--scorer", default="shapes", choices=["shapes"],
+                   help="what scores the images (shapes: the shipped shapes task)")
+    p.set_defaults(func=_cmd_geneval_server)
+
+    p = sub.add_parser("convert-aesthetic-head",
+                       help="a LAION aesthetic head .pth -> safetensors (tensors only)")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.set_defaults(func=_cmd_convert_aesthetic_head)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", default=None, help="YAML config file (default: built-ins)")

@@ -113,6 +113,32 @@ class RewardConfig(_Section):
     resources: Resources = Field(
         default_factory=dict, description="Custom Ray resources per reward actor, e.g. "
         "{reward_slot: 1} for nodes started with --resources.")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-reward options (model paths, OCR engine, "
+        "server URL), e.g. {pickscore: {model: /models/PickScore_v1, processor: "
+        "/models/CLIP-ViT-H-14}}; see actors/rewards/<name>.py.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where reward models run; auto = cuda when reward.num_gpus > 0.")
+
+    @model_validator(mode="after")
+    def _check_options(self) -> RewardConfig:
+        from actors.rewards import get_reward
+
+        for name in self.functions:
+            get_reward(name)  # an unknown name fails here, listing the known ones
+        for name, options in self.options.items():
+            if name not in self.functions:
+                raise ValueError(f"options.{name}: {name!r} is not in reward.functions")
+            spec = get_reward(name)
+            if spec.options is None:
+                raise ValueError(f"options.{name}: this reward takes no options")
+            try:
+                spec.options.model_validate(options)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"options.{name}.{where}: {first['msg']}") from None
+        return self
 
 
 class BufferConfig(_Section):

@@ -52,9 +52,10 @@ def evaluate(
     reward_name: str,
     settings: EvalSettings,
     progress=None,
+    reward_options: dict | None = None,
 ) -> tuple[dict, torch.Tensor, dict[str, np.ndarray]]:
     """Summary (reward-specific), the images, and the per-image scores."""
-    reward = get_reward(reward_name)
+    reward = get_reward(reward_name).load(reward_options)
     images = generate(policy, records, settings, progress)
     prompts = [r.text for r in records for _ in range(settings.n_per_prompt)]
     scores = score_frames(reward, images, prompts)

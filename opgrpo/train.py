@@ -55,9 +55,26 @@ ROLLOUT_ATTEMPTS = 3  # an iteration's rollout is redone at most this often afte
 
 
 def _absolute(config: Config) -> Config:
-    """Actors may run in another working directory: pass them absolute paths."""
+    """Actors may run in another working directory: pass them absolute paths (the model, and
+    reward options that name existing files). The GenEval client's metadata defaults to the
+    run's prompt files."""
+    def resolve(value):
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, str) and "://" not in value and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
     data = config.model_dump(mode="json")
     data["model"]["path"] = str(Path(config.model.path).resolve())
+    options = data["reward"]["options"]
+    if "geneval" in config.reward.functions:
+        geneval = options.setdefault("geneval", {})
+        if not geneval.get("metadata_files"):
+            geneval["metadata_files"] = [f for f in (config.train.prompts_file,
+                                                     config.train.eval_prompts_file) if f]
+    for name in options:
+        options[name] = {key: resolve(value) for key, value in options[name].items()}
     return Config.model_validate(data)
 
 
@@ -102,8 +119,8 @@ class Trainer:
         if not config.reward.functions:
             raise ValueError("reward.functions is empty: name at least one reward, e.g. "
                              "{shapes_partial: 1.0}")
-        for name in config.reward.functions:
-            get_reward(name)  # an unknown name fails here, listing the known ones
+        for name in config.reward.functions:  # names, options and the files they name
+            get_reward(name).check_options(config.reward.options.get(name))
         url = config.buffer.redis_url or os.environ.get("REDIS_URL")
         if url:  # unreachable, or a wrong password: say so before anything starts
             connect_redis(url, None)[0].close()
@@ -193,7 +210,7 @@ class Trainer:
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
-        from actors.rewards import get_reward, score_frames
+        from actors.rewards import get_reward
         from opgrpo.images import save_grid
 
         cfg = self.config
@@ -206,7 +223,8 @@ class Trainer:
         spec = get_reward(name)
         texts = [t for t, _ in prompts for _ in range(n)]
         floats = np.moveaxis(images.astype(np.float32) / 255, -1, -3)
-        scores = score_frames(spec, floats, texts)
+        # scored by a reward actor, where the reward's model is loaded
+        scores = ray.get(self.rewards.worker(0).score_with.remote(name, images, texts))
         summary = spec.summarize(scores, texts)
         shown = min(8, len(prompts)) * n
         labels = [f"{spec.key}={v:.0f}" for v in scores[spec.key][:shown]]

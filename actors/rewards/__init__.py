@@ -3,12 +3,18 @@
 A scorer maps decoded images (N, 3, H, W) floats in [0, 1] and their prompts to a dict of
 (N,) float arrays; its `key` entry is the reward the trainer uses, the others are logged.
 `summarize` turns per-image scores into the numbers an evaluation reports.
+
+Rewards with a model or a server (pickscore, aesthetic, ocr, geneval) take options from
+`reward.options.<name>` (model paths, engine, URL), validated by their pydantic model, and
+load once per reward actor: `get_reward(name).load(options, device)` returns a spec whose
+`score` is ready. One module each in this package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -19,15 +25,53 @@ def mean_summary(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
     return summary
 
 
+def _needs_loading(images, prompts):
+    raise RuntimeError("this reward loads a model or connects to a server first: use "
+                       "get_reward(name).load(options, device)")
+
+
 @dataclass(frozen=True)
 class RewardSpec:
-    """A registered reward: `score(images, prompts) -> {name: (N,) array}` and its main key."""
+    """A registered reward: `score(images, prompts) -> {name: (N,) array}` and its main key.
+
+    `build(options, device) -> score` makes the scorer of a reward that needs a model or a
+    server; `options` is its pydantic options model (None: the reward takes no options).
+    """
 
     name: str
     key: str
     score: Callable[..., dict[str, np.ndarray]]
     description: str
     summarize: Callable[[dict[str, np.ndarray], list[str]], dict] = field(default=mean_summary)
+    build: Callable[[Any, str], Callable[..., dict[str, np.ndarray]]] | None = None
+    options: Any = None  # a pydantic model class
+
+    def check_options(self, options: dict | None) -> Any:
+        """Validated options (files are checked to exist); raises ValueError naming
+        `reward.options.<name>.<field>`."""
+        if self.options is None:
+            if options:
+                raise ValueError(f"reward.options.{self.name}: this reward takes no options")
+            return None
+        from pydantic import ValidationError
+
+        try:
+            parsed = self.options.model_validate(options or {})
+        except ValidationError as err:
+            problems = "; ".join(
+                f"reward.options.{self.name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in err.errors())
+            raise ValueError(problems) from None
+        if hasattr(parsed, "check"):
+            parsed.check(f"reward.options.{self.name}")
+        return parsed
+
+    def load(self, options: dict | None = None, device: str = "cpu") -> RewardSpec:
+        """This spec with a ready `score` (models loaded on `device`, clients connected)."""
+        parsed = self.check_options(options)
+        if self.build is None:
+            return self
+        return replace(self, score=self.build(parsed, device))
 
 
 def _shapes_score(images, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -68,6 +112,19 @@ REGISTRY: dict[str, RewardSpec] = {
     "jpeg_incompressibility": RewardSpec("jpeg_incompressibility", "incompressibility",
                                          _jpeg_inverse, "JPEG size in kB at quality 95"),
 }
+
+
+def _register_model_rewards() -> None:
+    from actors.rewards import aesthetic, geneval, ocr, pickscore
+
+    for module in (pickscore, aesthetic, ocr, geneval):
+        REGISTRY[module.NAME] = RewardSpec(
+            module.NAME, module.KEY, _needs_loading, module.DESCRIPTION,
+            getattr(module, "summarize", mean_summary), build=module.build,
+            options=module.Options)
+
+
+_register_model_rewards()
 
 
 def score_frames(spec: RewardSpec, images, prompts: list[str]) -> dict[str, np.ndarray]:

@@ -1,0 +1,44 @@
+"""What the model-based rewards share: strict options, path checks, images as PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class RewardOptions(BaseModel):
+    """Options of one reward (`reward.options.<name>`); unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def check(self, prefix: str) -> None:
+        """Raise FileNotFoundError naming the option when a path it names is missing."""
+
+
+def require_dir(path: str | None, option: str, hint: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise FileNotFoundError(f"{option}: directory {path} does not exist ({hint})")
+
+
+def require_file(path: str | None, option: str, hint: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{option}: file {path} does not exist ({hint})")
+
+
+def torch_device(device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("reward.device is cuda but this reward actor sees no GPU "
+                           "(give it reward.num_gpus > 0)")
+    return torch.device(device)
+
+
+def to_pil(images) -> list:
+    """(N, 3, H, W) floats in [0, 1] -> PIL RGB images."""
+    from PIL import Image
+
+    pixels = (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round()
+    return [Image.fromarray(p) for p in pixels.astype(np.uint8).transpose(0, 2, 3, 1)]
