@@ -247,3 +247,34 @@ def save_tiny(family: str, directory: str | Path, seed: int = 0, **kwargs) -> Pa
     TINY_BUILDERS[family](seed=seed, **kwargs).save_pretrained(directory,
                                                                safe_serialization=True)
     return directory
+
+
+def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random `CLIPModel` with its `CLIPProcessor` (32 px images), saved by path: the
+    model classes of the PickScore and aesthetic rewards."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, max_position_embeddings=77,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=1).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32,
+                                       patch_size=8).to_dict(),
+        projection_dim=16)
+    directory = Path(directory)
+    CLIPModel(config).save_pretrained(directory, safe_serialization=True)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                     crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(directory)
+    return directory

@@ -48,36 +48,9 @@ def test_jpeg_rewards_simple_images():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny random `CLIPModel` and its `CLIPProcessor` (real classes), saved by path."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
+    from opgrpo.tiny import save_tiny_clip
 
-    from opgrpo.tiny import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                   intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, max_position_embeddings=77,
-                                   bos_token_id=0, eos_token_id=1, pad_token_id=1).to_dict(),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32,
-                                       patch_size=8).to_dict(),
-        projection_dim=16)
-    directory = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(directory, safe_serialization=True)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer)
-    processor.save_pretrained(directory)
-    return directory
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_pickscore_is_the_scaled_clip_logit(tiny_clip):
