@@ -39,6 +39,17 @@ def _cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from opgrpo.tiny import save_tiny
+
+    out = Path(args.directory)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} is not empty; choose another directory or --overwrite")
+    save_tiny(args.family, out, seed=args.seed)
+    print(f"tiny random {args.family} pipeline (32x32 px) written to {out}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -312,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vae", action="store_true", help="pixel-space transformer, no VAE")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_make_tiny_sd3)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random sd3, flux or wan pipeline")
+    p.add_argument("family", choices=["sd3", "flux", "wan"])
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("train", help="train with OP-GRPO on Ray (local or --address)")
     p.add_argument("--config", default=None, help="YAML config file")
