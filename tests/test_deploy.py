@@ -142,10 +142,11 @@ def test_rayjob_placement_matches_entrypoint():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:4] == ["python", "-m", "opgrpo", "train"]
     args = build_parser().parse_args(argv[3:])
-    # The overrides are valid settings (on the shipped tiny config: the SD3.5-M config they
-    # are meant for is validated the same way once it exists).
-    config = load_config(REPO / "configs" / "shapes_tiny.yaml", args.set)
+    config = load_config(REPO / args.config, args.set)  # the shipped config + the overrides
     assert config.run.output_dir == "/runs"
+    assert config.rollout.num_gpus == 1 and config.learner.num_gpus == 1
+    learner_gpus = int(groups["learner"]["rayStartParams"]["num-gpus"])
+    assert learner_gpus * groups["learner"]["replicas"] >= config.learner.num_ranks
 
     def advertised(group) -> dict:
         raw = group["rayStartParams"].get("resources", '"{}"')
