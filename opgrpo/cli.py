@@ -115,7 +115,7 @@ def _reward_options(args: argparse.Namespace) -> dict | None:
 def _cmd_geneval_server(args: argparse.Namespace) -> int:
     from opgrpo.geneval_server import serve
 
-    serve(args.host, args.port, args.scorer)
+    serve(args.host, args.port, args.scorer, args.detector, args.clip, args.device)
     return 0
 
 
@@ -353,8 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the GenEval scoring contract over HTTP (JSON)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=18085)
-    p.add_argument("--scorer", default="shapes", choices=["shapes"],
-                   help="what scores the images (shapes: the shipped shapes task)")
+    p.add_argument("--scorer", default="shapes", choices=["shapes", "geneval"],
+                   help="shapes: the shipped shapes task; geneval: GenEval's rules over a "
+                   "Mask2Former detector and CLIP colours")
+    p.add_argument("--detector", default=None, help="Mask2Former directory (geneval)")
+    p.add_argument("--clip", default=None, help="CLIP directory for colours (geneval)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_cmd_geneval_server)
 
     p = sub.add_parser("convert-aesthetic-head",

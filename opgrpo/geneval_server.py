@@ -3,9 +3,16 @@
     POST /score  {"images": [base64 PNG], "metadata": [GenEval metadata]}
              ->  {"strict": [...], "partial": [...]}
 
-`--scorer shapes` scores with the shapes task's exact checker (GenEval's metadata format, the
-shapes classes): what the tests and the CPU demo run. A detector-backed scorer for real
-GenEval (Mask2Former through mmdetection, on a GPU) plugs in behind the same contract.
+Scorers:
+- `shapes`: the shapes task's exact checker (GenEval's metadata format, the shapes classes);
+  what the tests and the CPU demo run.
+- `geneval`: GenEval's rules (`opgrpo/geneval_rules.py`) over a Mask2Former instance
+  detector (transformers' `Mask2FormerForUniversalSegmentation`, e.g. a local copy of
+  facebook/mask2former-swin-small-coco-instance) and a CLIP zero-shot colour classifier
+  (e.g. openai/clip-vit-large-patch14): `--detector DIR --clip DIR --device cuda`. GenEval's
+  own release runs mmdetection's Mask2Former (Swin-S, COCO) with open_clip ViT-L/14; this is
+  the same architecture and classifier through transformers, so scores are close to, not
+  identical with, the official GenEval numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +39,112 @@ def shapes_scorer(images: np.ndarray, metadata: list[dict]) -> dict[str, np.ndar
 
 
 SCORERS: dict[str, Scorer] = {"shapes": shapes_scorer}
+COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}",
+                   "a photo of a {color} object")
+
+
+class DetectorScorer:
+    """GenEval's rules over a Mask2Former detector and a CLIP colour classifier."""
+
+    def __init__(self, detector: str, clip: str, device: str = "cpu", settings=None) -> None:
+        import torch
+        from transformers import (
+            AutoImageProcessor,
+            CLIPModel,
+            CLIPProcessor,
+            Mask2FormerForUniversalSegmentation,
+        )
+
+        from opgrpo.geneval_rules import RuleSettings
+
+        self.torch, self.device = torch, torch.device(device)
+        self.settings = settings or RuleSettings()
+        self.processor = AutoImageProcessor.from_pretrained(detector, local_files_only=True)
+        self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(
+            detector, local_files_only=True, use_safetensors=True).to(self.device).eval()
+        self.names = self.detector.config.id2label
+        self.clip_processor = CLIPProcessor.from_pretrained(clip, local_files_only=True)
+        self.clip = CLIPModel.from_pretrained(clip, local_files_only=True,
+                                              use_safetensors=True).to(self.device).eval()
+        self._classifiers: dict = {}
+
+    def detect(self, image: np.ndarray) -> dict:
+        """All instances the detector proposes (the rules apply the thresholds)."""
+        from opgrpo.geneval_rules import Detection
+
+        height, width = image.shape[:2]
+        inputs = self.processor(images=[Image.fromarray(image)], return_tensors="pt")
+        with self.torch.no_grad():
+            outputs = self.detector(**{k: v.to(self.device) for k, v in inputs.items()})
+        result = self.processor.post_process_instance_segmentation(
+            outputs, threshold=0.0, target_sizes=[(height, width)], return_binary_maps=True)[0]
+        found: dict = {}
+        for mask, info in zip(result["segmentation"], result["segments_info"]):
+            mask = mask.bool().cpu().numpy()
+            if not mask.any():
+                continue
+            ys, xs = np.nonzero(mask)
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+            name = self.names[int(info["label_id"])]
+            found.setdefault(name, []).append(Detection(box, float(info["score"]), mask))
+        return found
+
+    def _classifier(self, name: str):
+        from opgrpo.geneval_rules import COLORS
+
+        if name not in self._classifiers:
+            rows = []
+            for color in COLORS:
+                texts = [t.format(color=color, name=name) for t in COLOR_TEMPLATES]
+                tokens = self.clip_processor(text=texts, padding=True, return_tensors="pt")
+                with self.torch.no_grad():
+                    emb = _embedding(self.clip.get_text_features(
+                        **{k: v.to(self.device) for k, v in tokens.items()}))
+                mean = emb.mean(0)
+                rows.append(mean / mean.norm())
+            self._classifiers[name] = self.torch.stack(rows)
+        return self._classifiers[name]
+
+    def colors(self, image: np.ndarray, detections, name: str) -> list[str]:
+        """The colour of each detection: its mask over grey, cropped to its box, zero-shot."""
+        from opgrpo.geneval_rules import COLORS
+
+        pil = Image.fromarray(image)
+        grey = Image.new("RGB", pil.size, "#999")
+        crops = []
+        for det in detections:
+            shown = pil if det.mask is None else Image.composite(
+                pil, grey, Image.fromarray(det.mask.astype(np.uint8) * 255))
+            x1, y1, x2, y2 = (int(v) for v in det.box[:4])
+            crops.append(shown.crop((x1, y1, x2 + 1, y2 + 1)))
+        inputs = self.clip_processor(images=crops, return_tensors="pt")
+        with self.torch.no_grad():
+            emb = _embedding(self.clip.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device)))
+        picks = (emb @ self._classifier(name).T).argmax(1)
+        return [COLORS[int(i)] for i in picks]
+
+    def __call__(self, images: np.ndarray, metadata: list[dict]) -> dict[str, np.ndarray]:
+        from opgrpo.geneval_rules import judge, select
+
+        strict, partial = [], []
+        for image, meta in zip(images, metadata):
+            objects = select(self.detect(image), meta.get("tag", ""), self.settings)
+            ok, fraction, _ = judge(objects, meta,
+                                    lambda dets, name, im=image: self.colors(im, dets, name),
+                                    self.settings)
+            strict.append(float(ok))
+            partial.append(fraction)
+        return {"strict": np.asarray(strict), "partial": np.asarray(partial)}
+
+
+def _embedding(out):
+    """Normalised CLIP features (transformers 5 may return an output object)."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        out = out.pooler_output
+    return out / out.norm(dim=-1, keepdim=True)
 
 
 def decode_images(encoded: list[str]) -> np.ndarray:
@@ -73,8 +186,14 @@ def make_server(host: str, port: int, scorer: str | Scorer = "shapes") -> Thread
     return ThreadingHTTPServer((host, port), handler_for(function))
 
 
-def serve(host: str, port: int, scorer: str = "shapes") -> None:
-    server = make_server(host, port, scorer)
+def serve(host: str, port: int, scorer: str = "shapes", detector: str | None = None,
+          clip: str | None = None, device: str = "cpu") -> None:
+    if scorer == "geneval":
+        if not detector or not clip:
+            raise ValueError("--scorer geneval needs --detector DIR and --clip DIR")
+        server = make_server(host, port, DetectorScorer(detector, clip, device))
+    else:
+        server = make_server(host, port, scorer)
     print(f"GenEval scoring ({scorer}) on http://{host}:{server.server_port}/score", flush=True)
     try:
         server.serve_forever()

@@ -8,8 +8,10 @@ The contract, POST `url`:
     response {"strict": [0 or 1 per image], "partial": [fraction of constraints met per image]}
 
 The metadata of a prompt comes from the prompt files (`metadata_files`, GenEval-style JSONL;
-default: the run's train and eval prompt files). `opgrpo geneval-server --scorer shapes` serves
-this contract for the shapes task (tests, demos). Timeouts and failed requests are retried
+default: the run's train and eval prompt files). `opgrpo geneval-server` serves this contract:
+`--scorer geneval --detector DIR --clip DIR --device cuda` with GenEval's rules over a
+Mask2Former detector and CLIP colours (`opgrpo/geneval_rules.py`), `--scorer shapes` for the
+shapes task (tests, demos). Timeouts and failed requests are retried
 `retries` times with doubling waits; then the error names the URL.
 """
 
