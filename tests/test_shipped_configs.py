@@ -4,10 +4,11 @@ evaluation, checkpoint) on a tiny random model of the same classes.
 
 Only what a CPU machine cannot have is overridden: the model path (a tiny pipeline of the
 same family), the image size, the actor and GPU counts, the batch sizes, the reward models'
-paths (a tiny CLIP for PickScore, Tesseract for OCR, a GenEval server on 127.0.0.1) and the
-prompt files (the shipped configs name Flow-GRPO's datasets). Everything else (dtype bf16,
-LoRA r32/alpha 64, gradient checkpointing, ZeRO stage, clip range, KL, global std, timestep
-fraction, SDE steps and noise level, guidance, the OP-GRPO knobs) runs as configured."""
+paths (a tiny CLIP for PickScore, a GenEval server on 127.0.0.1; OCR runs Tesseract as
+shipped) and the prompt files (the shipped configs name Flow-GRPO's datasets). Everything
+else (dtype bf16, LoRA r32/alpha 64, gradient checkpointing, ZeRO stage, clip range, KL,
+global std, timestep fraction, SDE steps and noise level, guidance, the OP-GRPO knobs) runs
+as configured."""
 
 import json
 import threading
@@ -63,14 +64,13 @@ def _overrides(name: str, tiny: dict, out: Path) -> list[str]:
                "ocr": (tiny["ocr_prompts"], tiny["ocr_prompts"]),
                "pickscore": (REPO / "configs/demo_prompts.txt",) * 2}[name.split("_")[1]]
     options = {"sd35m_geneval": f"{{geneval: {{url: '{tiny['geneval_url']}'}}}}",
-               "sd35m_ocr": "{ocr: {engine: tesseract}}",
-               "wan21_ocr": "{ocr: {engine: tesseract}}"}.get(
-        name, f"{{pickscore: {{model: '{tiny['clip']}'}}}}")
+               "sd35m_pickscore": f"{{pickscore: {{model: '{tiny['clip']}'}}}}",
+               "flux_pickscore": f"{{pickscore: {{model: '{tiny['clip']}'}}}}"}.get(name)
     sets = [f"model.path={tiny[family]}", "model.height=32", "model.width=32",
             "rollout.num_actors=1", "rollout.num_gpus=0", "rollout.num_cpus=0.5",
             "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.chunk_size=4",
             "reward.num_actors=1", "reward.num_gpus=0", "reward.num_cpus=0.25",
-            f"reward.options={options}",
+            *([f"reward.options={options}"] if options else []),  # OCR: as shipped
             "learner.num_ranks=2", "learner.num_gpus=0", "learner.num_cpus=0.5",
             "learner.micro_batch_size=2",
             "sampling.eval_num_steps=2", "train.num_steps=1", "train.eval_every=100",
