@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
+from actors.rewards.common import clip_features, load_clip
+
 log = logging.getLogger(__name__)
 Scorer = Callable[[np.ndarray, list[dict]], dict[str, np.ndarray]]
 
@@ -48,12 +50,7 @@ class DetectorScorer:
 
     def __init__(self, detector: str, clip: str, device: str = "cpu", settings=None) -> None:
         import torch
-        from transformers import (
-            AutoImageProcessor,
-            CLIPModel,
-            CLIPProcessor,
-            Mask2FormerForUniversalSegmentation,
-        )
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         from opgrpo.geneval_rules import RuleSettings
 
@@ -63,9 +60,7 @@ class DetectorScorer:
         self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(
             detector, local_files_only=True, use_safetensors=True).to(self.device).eval()
         self.names = self.detector.config.id2label
-        self.clip_processor = CLIPProcessor.from_pretrained(clip, local_files_only=True)
-        self.clip = CLIPModel.from_pretrained(clip, local_files_only=True,
-                                              use_safetensors=True).to(self.device).eval()
+        self.clip, self.clip_processor, _ = load_clip(clip, None, device)
         self._classifiers: dict = {}
 
     def detect(self, image: np.ndarray) -> dict:
@@ -98,7 +93,7 @@ class DetectorScorer:
                 texts = [t.format(color=color, name=name) for t in COLOR_TEMPLATES]
                 tokens = self.clip_processor(text=texts, padding=True, return_tensors="pt")
                 with self.torch.no_grad():
-                    emb = _embedding(self.clip.get_text_features(
+                    emb = clip_features(self.clip.get_text_features(
                         **{k: v.to(self.device) for k, v in tokens.items()}))
                 mean = emb.mean(0)
                 rows.append(mean / mean.norm())
@@ -119,7 +114,7 @@ class DetectorScorer:
             crops.append(shown.crop((x1, y1, x2 + 1, y2 + 1)))
         inputs = self.clip_processor(images=crops, return_tensors="pt")
         with self.torch.no_grad():
-            emb = _embedding(self.clip.get_image_features(
+            emb = clip_features(self.clip.get_image_features(
                 pixel_values=inputs["pixel_values"].to(self.device)))
         picks = (emb @ self._classifier(name).T).argmax(1)
         return [COLORS[int(i)] for i in picks]
@@ -136,15 +131,6 @@ class DetectorScorer:
             strict.append(float(ok))
             partial.append(fraction)
         return {"strict": np.asarray(strict), "partial": np.asarray(partial)}
-
-
-def _embedding(out):
-    """Normalised CLIP features (transformers 5 may return an output object)."""
-    import torch
-
-    if not isinstance(out, torch.Tensor):
-        out = out.pooler_output
-    return out / out.norm(dim=-1, keepdim=True)
 
 
 def decode_images(encoded: list[str]) -> np.ndarray:

@@ -326,6 +326,18 @@ class FlowPolicy:
         """The transformer's velocity for unpacked `latents` at noise levels `sigma` (B,)."""
         raise NotImplementedError
 
+    def _call_transformer(self, latents: torch.Tensor, sigma: torch.Tensor,
+                          embeds: PromptEmbeds, **extra) -> torch.Tensor:
+        """transformer(latents, timestep = sigma x num_train_timesteps, text tokens, **extra):
+        the call of the families whose timestep is on the 0-1000 scale (SD3, Wan)."""
+        timestep = sigma * self.scheduler.config.num_train_timesteps
+        return self.transformer(
+            hidden_states=latents.to(self.device, self.dtype),
+            timestep=timestep.to(self.dtype),
+            encoder_hidden_states=embeds.prompt_embeds.to(self.device, self.dtype),
+            return_dict=False, **extra,
+        )[0]
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Within this block `velocity` is the reference policy (LoRA off, or the frozen copy)."""

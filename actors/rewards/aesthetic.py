@@ -13,10 +13,11 @@ import torch
 
 from actors.rewards.common import (
     RewardOptions,
+    clip_features,
+    load_clip,
     require_dir,
     require_file,
     to_pil,
-    torch_device,
 )
 
 NAME, KEY = "aesthetic", "aesthetic"
@@ -62,13 +63,7 @@ def load_head(path: str) -> torch.nn.Module:
 
 
 def build(options: Options, device: str):
-    from transformers import CLIPModel, CLIPProcessor
-
-    dev = torch_device(device)
-    processor = CLIPProcessor.from_pretrained(options.processor or options.clip,
-                                              local_files_only=True)
-    model = CLIPModel.from_pretrained(options.clip, local_files_only=True,
-                                      use_safetensors=True).to(dev).eval()
+    model, processor, dev = load_clip(options.clip, options.processor, device)
     head = load_head(options.head).to(dev).eval()
 
     @torch.no_grad()
@@ -77,10 +72,8 @@ def build(options: Options, device: str):
         for start in range(0, len(prompts), options.batch_size):
             pil = to_pil(images[start:start + options.batch_size])
             inputs = processor(images=pil, return_tensors="pt").to(dev)
-            out = model.get_image_features(pixel_values=inputs["pixel_values"])
-            if not isinstance(out, torch.Tensor):
-                out = out.pooler_output
-            embedding = out / out.norm(dim=-1, keepdim=True)
+            embedding = clip_features(
+                model.get_image_features(pixel_values=inputs["pixel_values"]))
             values.append(head(embedding.float()).squeeze(-1).cpu().numpy())
         return {KEY: np.concatenate(values).astype(np.float64)}
 

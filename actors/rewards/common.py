@@ -42,3 +42,23 @@ def to_pil(images) -> list:
 
     pixels = (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round()
     return [Image.fromarray(p) for p in pixels.astype(np.uint8).transpose(0, 2, 3, 1)]
+
+
+def load_clip(model_dir: str, processor_dir: str | None, device: str):
+    """(CLIPModel in eval mode on `device`, CLIPProcessor, the torch device), safetensors only."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    dev = torch_device(device)
+    processor = CLIPProcessor.from_pretrained(processor_dir or model_dir, local_files_only=True)
+    model = CLIPModel.from_pretrained(model_dir, local_files_only=True,
+                                      use_safetensors=True).to(dev).eval()
+    return model, processor, dev
+
+
+def clip_features(out):
+    """Normalised CLIP embeddings (transformers 5 may return an output object, not a tensor)."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        out = out.pooler_output
+    return out / out.norm(dim=-1, keepdim=True)

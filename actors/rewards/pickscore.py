@@ -11,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.rewards.common import RewardOptions, require_dir, to_pil, torch_device
+from actors.rewards.common import (
+    RewardOptions,
+    clip_features,
+    load_clip,
+    require_dir,
+    to_pil,
+)
 
 NAME, KEY = "pickscore", "pickscore"
 DESCRIPTION = "PickScore preference logit / 26 (CLIP-H fine-tuned on human preferences)"
@@ -30,13 +36,7 @@ class Options(RewardOptions):
 
 
 def build(options: Options, device: str):
-    from transformers import CLIPModel, CLIPProcessor
-
-    dev = torch_device(device)
-    processor = CLIPProcessor.from_pretrained(options.processor or options.model,
-                                              local_files_only=True)
-    model = CLIPModel.from_pretrained(options.model, local_files_only=True,
-                                      use_safetensors=True).to(dev).eval()
+    model, processor, dev = load_clip(options.model, options.processor, device)
 
     @torch.no_grad()
     def score(images, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -46,8 +46,9 @@ def build(options: Options, device: str):
             text = prompts[start:start + options.batch_size]
             inputs = processor(text=text, images=pil, padding=True, truncation=True,
                                max_length=77, return_tensors="pt").to(dev)
-            image = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
-            words = _features(model.get_text_features(
+            image = clip_features(model.get_image_features(
+                pixel_values=inputs["pixel_values"]))
+            words = clip_features(model.get_text_features(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
             logits = model.logit_scale.exp() * (image * words).sum(-1)
             values.append(logits.float().cpu().numpy())
@@ -56,9 +57,3 @@ def build(options: Options, device: str):
 
     return score
 
-
-def _features(out) -> torch.Tensor:
-    """Normalised embeddings (transformers 5 may return an output object, not a tensor)."""
-    if not isinstance(out, torch.Tensor):
-        out = getattr(out, "pooler_output", None) if out is not None else None
-    return out / out.norm(dim=-1, keepdim=True)

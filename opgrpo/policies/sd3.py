@@ -32,11 +32,5 @@ class SD3Policy(FlowPolicy):
 
     def _forward(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
                  guidance: float | None = None) -> torch.Tensor:
-        timestep = sigma * self.scheduler.config.num_train_timesteps
-        return self.transformer(
-            hidden_states=latents.to(self.device, self.dtype),
-            timestep=timestep.to(self.dtype),
-            encoder_hidden_states=embeds.prompt_embeds.to(self.device, self.dtype),
-            pooled_projections=embeds.pooled.to(self.device, self.dtype),
-            return_dict=False,
-        )[0]
+        return self._call_transformer(
+            latents, sigma, embeds, pooled_projections=embeds.pooled.to(self.device, self.dtype))
