@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_make_tiny_sd3)
 
-    p = sub.add_parser("make-tiny", help="write a tiny random sd3, flux or wan pipeline")
-    p.add_argument("family", choices=["sd3", "flux", "wan"])
+    p = sub.add_parser("make-tiny", help="write a tiny random sd3, sd35, flux or wan pipeline")
+    p.add_argument("family", choices=["sd3", "sd35", "flux", "wan"])
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

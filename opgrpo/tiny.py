@@ -44,6 +44,7 @@ def make_tiny_sd3_pipeline(
     with_vae: bool = True,
     with_t5: bool = True,
     shift: float = 3.0,
+    sd35: bool = False,
 ):
     """Build a tiny random `StableDiffusion3Pipeline` (real classes, small configs).
 
@@ -54,6 +55,8 @@ def make_tiny_sd3_pipeline(
             without it the transformer works in pixel space (3 channels).
         with_t5: include `T5EncoderModel` as text_encoder_3 (SD3 also runs without it).
         shift: the flow-matching scheduler's timestep shift.
+        sd35: SD3.5-Medium's block layout (MMDiT-X): a second self-attention in the first
+            block and RMS-normalised queries and keys.
     """
     from diffusers import (
         AutoencoderKL,
@@ -135,6 +138,7 @@ def make_tiny_sd3_pipeline(
         caption_projection_dim=32,
         pooled_projection_dim=2 * clip_config.projection_dim,
         pos_embed_max_size=latent_size // 2,
+        **({"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if sd35 else {}),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     return StableDiffusion3Pipeline(
@@ -235,12 +239,17 @@ def make_tiny_wan_pipeline(seed: int = 0):
                        transformer=transformer, scheduler=scheduler)
 
 
-TINY_BUILDERS = {"sd3": make_tiny_sd3_pipeline, "flux": make_tiny_flux_pipeline,
-                 "wan": make_tiny_wan_pipeline}
+def make_tiny_sd35_pipeline(seed: int = 0):
+    """A tiny random SD3.5-Medium-style pipeline (MMDiT-X blocks, RMS q/k norm)."""
+    return make_tiny_sd3_pipeline(seed=seed, sd35=True)
+
+
+TINY_BUILDERS = {"sd3": make_tiny_sd3_pipeline, "sd35": make_tiny_sd35_pipeline,
+                 "flux": make_tiny_flux_pipeline, "wan": make_tiny_wan_pipeline}
 
 
 def save_tiny(family: str, directory: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Build a tiny pipeline of `family` (sd3, flux, wan) and save it (safetensors)."""
+    """Build a tiny pipeline of `family` (sd3, sd35, flux, wan) and save it (safetensors)."""
     if family not in TINY_BUILDERS:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(TINY_BUILDERS)}")
     directory = Path(directory)

@@ -35,12 +35,26 @@ def _noise_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
 
 # ----- JPEG -----------------------------------------------------------------------------------
 def test_jpeg_rewards_simple_images():
-    flat = np.full((1, 3, 64, 64), 0.5, dtype=np.float32)
-    images = np.concatenate([flat, _noise_images(1)])
-    scores = get_reward("jpeg").load().score(images, ["a", "b"])
-    assert scores["compressibility"][0] > scores["compressibility"][1]  # flat compresses
-    assert scores["jpeg_kb"][1] > 5 * scores["jpeg_kb"][0]
-    inverse = get_reward("jpeg_incompressibility").load().score(images, ["a", "b"])
+    """On real pictures (a benchmark plot of this repo, a rendered shapes scene) against
+    noise: the size is PIL's JPEG at quality 95, and simpler pictures score higher."""
+    import io
+
+    from opgrpo.shapes.render import render_batch
+
+    plot = Image.open(sorted((REPO / "bench" / "results").glob("*.png"))[0]).convert("RGB")
+    plot = plot.resize((128, 96))
+    scene = Image.fromarray(render_batch(_shapes_rows(1), seed=0)[0]).resize((128, 96))
+    noise = Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255)
+                            .astype(np.uint8))
+    images = _floats([plot, scene, noise])
+    scores = get_reward("jpeg").load().score(images, ["a", "b", "c"])
+    for pil, kb in zip((plot, scene, noise), scores["jpeg_kb"]):
+        buffer = io.BytesIO()
+        pil.save(buffer, format="JPEG", quality=95)
+        assert kb == pytest.approx(len(buffer.getvalue()) / 1000)
+    assert scores["compressibility"][1] > scores["compressibility"][2]  # a scene beats noise
+    assert scores["compressibility"][0] > scores["compressibility"][2]
+    inverse = get_reward("jpeg_incompressibility").load().score(images, ["a", "b", "c"])
     np.testing.assert_allclose(inverse["incompressibility"], -scores["compressibility"])
 
 

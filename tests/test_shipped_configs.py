@@ -25,7 +25,7 @@ from opgrpo.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["sd35m_geneval", "sd35m_ocr", "sd35m_pickscore", "flux_pickscore", "wan21_ocr"]
-FAMILY = {"sd35m": "sd3", "flux": "flux", "wan21": "wan"}
+FAMILY = {"sd35m": "sd35", "flux": "flux", "wan21": "wan"}
 pytestmark = pytest.mark.slow
 
 
@@ -41,7 +41,7 @@ def test_shipped_config_validates(name):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    dirs = {family: save_tiny(family, root / family) for family in ("sd3", "flux", "wan")}
+    dirs = {family: save_tiny(family, root / family) for family in ("sd35", "flux", "wan")}
     dirs["clip"] = save_tiny_clip(root / "clip")
     ocr_prompts = root / "ocr.txt"
     ocr_prompts.write_text('a shop sign that says "open"\na poster with the words "big sale"\n'
