@@ -61,7 +61,9 @@ def _absolute(config: Config) -> Config:
     def resolve(value):
         if isinstance(value, list):
             return [resolve(v) for v in value]
-        if isinstance(value, str) and "://" not in value and Path(value).exists():
+        # a path, not a word like `tesseract`: it has a directory part and exists
+        if (isinstance(value, str) and "://" not in value and Path(value).parent != Path()
+                and Path(value).exists()):
             return str(Path(value).resolve())
         return value
 
