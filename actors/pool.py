@@ -45,9 +45,6 @@ class Control:
         self.rollout = value
         return value
 
-    def get_rollout(self) -> int | str | None:
-        return self.rollout
-
     def status(self) -> tuple[int | str | None, int]:
         """The requested rollout size and the weight version held (-1 after a restart)."""
         return self.rollout, self.version
@@ -210,7 +207,6 @@ class RolloutPool:
 class RewardPool:
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RewardWorker) -> None:
         self.actor_cls = ray.remote(worker_cls)
-        self.functions = config.reward.functions
         self.args = (config.reward.functions, config.reward.options, config.reward.device,
                      config.reward.num_gpus)
         self.options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
