@@ -134,16 +134,12 @@ class RolloutPool:
         self._next_index += 1
         return worker
 
-    def resync(self) -> int:
-        """Push the current weights to every actor that holds another version (restarted
-        while the control actor could not give them); returns how many."""
-        self.restore_control(ray.get(self.control.status.remote())[1]
-                             if self.control is not None else self.version)
-        held = ray.get([w.ready.remote() for w in self.workers])
-        stale = [w for w, v in zip(self.workers, held) if v != self.version]
-        if stale and self.weights_ref is not None:
-            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in stale])
-        return len(stale)
+    def resync(self) -> None:
+        """Give the control actor and every rollout actor that holds another version (both
+        restarted, the control actor empty) the current weights."""
+        if self.control is not None:
+            self.restore_control(ray.get(self.control.status.remote())[1])
+        self._ready(self.workers)
 
     def _ready(self, workers: list) -> None:
         """Wait until `workers` are up and hold the current weights (a new actor loads them
