@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install system-deps demo test lint bench bench-sample-efficiency pretrain clean
+.PHONY: install system-deps demo test lint bench bench-sample-efficiency bench-async pretrain clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ bench: install
 bench-sample-efficiency: install
 	$(PY) bench/sample_efficiency.py run
 
+# sync vs async (issue 9): 10 runs, then their checkpoints are evaluated (hours, resumable)
+bench-async: install
+	$(PY) bench/async_pipeline.py run
+	$(PY) bench/async_pipeline.py evaluate
+	$(PY) bench/async_pipeline.py report
+
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install
 	$(VENV)/bin/opgrpo pretrain --out models/shapes-base --seed 0 --overwrite
@@ -65,7 +71,7 @@ system-deps:
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

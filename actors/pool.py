@@ -154,7 +154,10 @@ class RolloutPool:
         if stale and self.weights_ref is not None:
             ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in stale])
 
-    def set_weights(self, weights_ref, version: int) -> None:
+    def set_weights(self, weights_ref, version: int, wait: bool = True) -> None:
+        """Push `version` to every actor and the control actor. An actor takes it after the
+        tasks the driver sent it before (Ray runs one caller's tasks on an actor in order);
+        `wait=False` returns without waiting for that."""
         self.weights_ref, self.version = weights_ref, version
         # The control actor holds them for actors that (re)start from now on; a push to an
         # actor that dies meanwhile is re-run by Ray on its restarted process, after the
@@ -162,7 +165,8 @@ class RolloutPool:
         pending = [w.set_weights.remote(weights_ref, version) for w in self.workers]
         if self.control is not None:
             pending.append(self.control.set_weights.remote([weights_ref], version))
-        ray.get(pending)
+        if wait:  # else a failed push shows in the next chunk (StaleWeights, actor death)
+            ray.get(pending)
 
     def restore_control(self, held_version: int) -> None:
         """A control actor that Ray restarted holds no weights: give it the current ones, so

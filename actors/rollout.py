@@ -9,6 +9,7 @@ buffer actor and the learners as object refs, never through the driver.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -27,9 +28,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class StaleWeights(RuntimeError):
-    """A rollout task asked for a weight version this actor does not hold (it was restarted
-    while the control actor had no weights to give it): the driver pushes the current weights
-    and draws the step again."""
+    """A rollout task needs at least a weight version this actor does not hold (it was
+    restarted while the control actor had no weights to give it): the driver pushes the current
+    weights and draws the step again."""
+
+
+def chunk_meta(version: int, start: float, n: int) -> dict:
+    """What the driver learns of a finished chunk without fetching it: the weight version it
+    was drawn with, and when this actor worked on it (wall-clock seconds since the epoch)."""
+    return {"version": version, "start": start, "end": time.time(), "count": n}
 
 
 class RolloutWorker:
@@ -82,10 +89,14 @@ class RolloutWorker:
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def _check_version(self, expected: int | None) -> None:
-        if expected is not None and expected != self.version:
+    def _check_version(self, min_version: int | None) -> None:
+        # Pushes reach an actor in the order the driver sent them, between its tasks, so a
+        # chunk runs with the version the driver pushed last before it. Only an actor that
+        # was restarted meanwhile can hold another one: a newer version (from the control
+        # actor) is fine, an older one is refused.
+        if min_version is not None and self.version < min_version:
             raise StaleWeights(f"rollout actor {self.worker_index} holds weight version "
-                               f"{self.version}, the iteration needs {expected}")
+                               f"{self.version}, the iteration needs {min_version} or newer")
 
     def set_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
         """Load the learner's trainable weights (LoRA only when LoRA is on) as `version`."""
@@ -104,28 +115,33 @@ class RolloutWorker:
 
     def generate(
         self, prompts: list[str], keys: list[str], seeds: list[int],
-        expected_version: int | None = None,
-    ) -> tuple[list[Trajectory], np.ndarray]:
-        """Fresh trajectories (one per row) and their decoded images (N, H, W, 3) uint8 (video:
-        (N, F, H, W, 3)).
-        With `expected_version`, refuses to draw from other weights than that version."""
-        self._check_version(expected_version)
+        min_version: int | None = None,
+    ) -> tuple[list[Trajectory], np.ndarray, dict]:
+        """Fresh trajectories (one per row), their decoded images (N, H, W, 3) uint8 (video:
+        (N, F, H, W, 3)) and the chunk's `chunk_meta`. With `min_version`, refuses to draw from
+        weights older than that version."""
+        self._check_version(min_version)
+        start = time.time()
         trajectories = sample_trajectories(
             self.policy, prompts, keys, seeds, self.spec, self.version
         )
-        return trajectories, self._images(trajectories)
+        images = self._images(trajectories)
+        return trajectories, images, chunk_meta(self.version, start, len(trajectories))
 
     def regenerate(
         self, payloads: list[bytes], truncate_step: int, seeds: list[int],
-        expected_version: int | None = None,
-    ) -> tuple[list[Trajectory], np.ndarray]:
-        """Mixed trajectories from stored ones (Arrow bytes): prefix kept, tail redrawn."""
-        self._check_version(expected_version)
+        min_version: int | None = None,
+    ) -> tuple[list[Trajectory], np.ndarray, dict]:
+        """Mixed trajectories from stored ones (Arrow bytes): prefix kept, tail redrawn; with
+        images and meta as `generate`."""
+        self._check_version(min_version)
+        start = time.time()
         stored = [traj for payload in payloads for traj in decode_trajectories(payload)]
         mixed = regenerate_from(
             self.policy, stored, truncate_step, seeds, self.spec, self.version
         )
-        return mixed, self._images(mixed)
+        images = self._images(mixed)
+        return mixed, images, chunk_meta(self.version, start, len(mixed))
 
     def evaluate(
         self, prompts: list[tuple[str, str]], n_per_prompt: int, num_steps: int,

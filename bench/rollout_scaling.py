@@ -39,7 +39,7 @@ def measure(n_actors: int, threads: int, args) -> dict:
     def chunk(c: int):
         rows = [prompts[(c * args.chunk_size + j) % len(prompts)] for j in range(args.chunk_size)]
         seeds = [trajectory_seed(0, "scaling", c, j) for j in range(args.chunk_size)]
-        return actors[c % n_actors].generate.options(num_returns=2).remote(
+        return actors[c % n_actors].generate.options(num_returns=3).remote(
             [r.text for r in rows], [r.key for r in rows], seeds)[1]
 
     ray.get([chunk(c) for c in range(n_actors)])  # warm-up: one chunk per actor

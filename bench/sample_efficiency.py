@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from train_runner import train_or_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "runs" / "sample_efficiency"
@@ -109,27 +108,7 @@ def run_one(name: str, steps: int, eval_every: int, torch_threads: int | None = 
     overrides = [*COMMON, *RUNS_DEFINED[name], *threads, f"run.name={name}",
                  f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}",
                  f"train.eval_every={eval_every}"]
-    opgrpo = [sys.executable, "-m", "opgrpo", "train"]
-    if (run_dir / "checkpoints" / "latest.json").is_file():
-        command = [*opgrpo, "--resume", str(run_dir)]
-        print(f"[{name}] resuming from {run_dir}", flush=True)
-    else:
-        if run_dir.exists():  # started but no checkpoint yet: nothing worth keeping
-            import shutil
-
-            shutil.rmtree(run_dir)
-        command = [*opgrpo, "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]]
-        print(f"[{name}] starting: {' '.join(overrides)}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
-    try:
-        code = process.wait()
-    finally:  # the runner stopped (SIGTERM, Ctrl-C): stop the run too; it resumes next time
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=300)
-    if code:
-        raise subprocess.CalledProcessError(code, command)
+    train_or_resume(ROOT, run_dir, CONFIG, overrides)
     save_result(name, overrides)
 
 

@@ -72,17 +72,24 @@ class SleepRollout:
         images = np.zeros((len(prompts), size, size, 3), np.uint8)
         return out, images
 
-    def generate(self, prompts, keys, seeds, expected_version=None):
-        time.sleep(self.bench["rollout_s_per_trajectory"] * len(prompts))
-        return self._trajectories(prompts, keys, seeds)
+    def generate(self, prompts, keys, seeds, min_version=None):
+        from actors.rollout import chunk_meta
 
-    def regenerate(self, payloads, truncate_step, seeds, expected_version=None):
+        start = time.time()
+        time.sleep(self.bench["rollout_s_per_trajectory"] * len(prompts))
+        return (*self._trajectories(prompts, keys, seeds),
+                chunk_meta(self.version, start, len(prompts)))
+
+    def regenerate(self, payloads, truncate_step, seeds, min_version=None):
+        from actors.rollout import chunk_meta
         from opgrpo.trajectory import decode_trajectories
 
+        start = time.time()
         stored = [t for payload in payloads for t in decode_trajectories(payload)]
         time.sleep(self.bench["rollout_s_per_trajectory"] * len(stored))
-        return self._trajectories([t.prompt for t in stored], [t.prompt_key for t in stored],
-                                  seeds, replayed=True)
+        return (*self._trajectories([t.prompt for t in stored], [t.prompt_key for t in stored],
+                                    seeds, replayed=True),
+                chunk_meta(self.version, start, len(stored)))
 
 
 class SleepReward:

@@ -17,7 +17,7 @@ import torch
 
 from learner.loss import Correction, kl_to_reference, op_grpo_loss, sequence_weights
 from opgrpo.models import FlowPolicy
-from opgrpo.sampling import SamplingSpec, step_logprob
+from opgrpo.sampling import SamplingSpec, rescore_transitions, step_logprob
 from opgrpo.trajectory import Trajectory
 
 
@@ -30,17 +30,64 @@ class LossSettings:
     kl_beta: float = 0.0
     seq_weight_max: float | None = None
     timestep_fraction: float = 0.9
+    stale_rescore: str = "all"
 
     @classmethod
     def from_config(cls, config) -> LossSettings:
         lc = config.learner
         return cls(lc.clip_range, lc.correction, lc.kl_beta, lc.seq_weight_max,
-                   lc.timestep_fraction)
+                   lc.timestep_fraction, lc.stale_rescore)
 
 
 def trained_steps(num_steps: int, timestep_fraction: float) -> list[int]:
     """Grid indices of the trained transitions: the first ceil(fraction * T)."""
     return list(range(math.ceil(timestep_fraction * num_steps)))
+
+
+def rescore_stale(
+    policy: FlowPolicy,
+    trajectories: list[Trajectory],
+    version: int,
+    spec: SamplingSpec,
+    settings: LossSettings,
+    batch_size: int,
+    forward_all: bool = False,
+) -> tuple[list[Trajectory], int]:
+    """Re-score the samples drawn by another weight version than `version` (pi_old: the
+    learner's weights at the start of this update) with one no-grad forward per step.
+
+    A stale sample's re-scored steps get old log-probs under pi_old and are marked off-policy,
+    so that its sequence weight w_i = exp(sum(logp_old - logp_mu)) covers all of them
+    (`stale_rescore: all`: every step, the exact ratio of the whole trajectory; `trained`:
+    the trained steps only). The behaviour log-probs (mu) stay those of the policy that drew
+    each step. Returns the trajectories (fresh ones unchanged) and how many were re-scored.
+
+    `forward_all`: run the forwards over every trajectory, fresh ones included (their scores
+    are dropped). Learner ranks under ZeRO-3 gather parameters collectively in each forward,
+    so they must all run the same forwards: a rank uses this when another rank has stale
+    samples.
+    """
+    stale = [i for i, t in enumerate(trajectories) if t.rollout_version != version]
+    if not trajectories or not (stale or forward_all):
+        return trajectories, 0
+    num_steps = trajectories[0].num_steps
+    steps = (list(range(num_steps)) if settings.stale_rescore == "all"
+             else trained_steps(num_steps, settings.timestep_fraction))
+    scored = list(range(len(trajectories))) if forward_all else stale
+    out = list(trajectories)
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start : start + batch_size]
+        scores = rescore_transitions(policy, [trajectories[i] for i in chunk], steps, spec)
+        for row, i in enumerate(chunk):
+            traj = trajectories[i]
+            if traj.rollout_version == version:
+                continue  # fresh: its old log-probs are its behaviour log-probs
+            old = (traj.old_logprobs if traj.old_logprobs is not None
+                   else traj.behaviour_logprobs).copy()
+            mask = np.zeros(num_steps, dtype=bool)
+            old[steps], mask[steps] = scores[row], True
+            out[i] = traj.with_updates(old_logprobs=old, off_policy_mask=mask)
+    return out, len(stale)
 
 
 @dataclass

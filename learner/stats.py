@@ -27,8 +27,10 @@ def batch_statistics(
 ) -> dict[str, float]:
     """Reward, masking, replay and staleness statistics of one iteration's batch.
 
-    `current_version` is the weight version of pi_old (the rollout weights this iteration);
-    a sample's lag is current_version - behaviour_version (0 for fresh samples).
+    `current_version` is the weight version of pi_old (the learner's weights at the start of
+    the update); a sample's lag is current_version - behaviour_version (the version that drew
+    its oldest steps), its staleness current_version - rollout_version (the version that drew
+    its fresh steps: 0 in sync mode). Samples may be `Trajectory`s or the driver's records.
     """
     if len(trajectories) != advantages.advantages.shape[0]:
         raise ValueError("one advantage per trajectory is needed")
@@ -36,6 +38,7 @@ def batch_statistics(
     fresh = [t.reward for t in trajectories if not t.replayed]
     replayed = [t.reward for t in trajectories if t.replayed]
     lags = [current_version - t.behaviour_version for t in trajectories]
+    stale = [current_version - t.rollout_version for t in trajectories]
     prompts = {t.prompt_key for t in trajectories}
     replayed_prompts = {t.prompt_key for t in trajectories if t.replayed}
     dataset = [t.reward for t in trajectories if t.prompt_key not in replayed_prompts]
@@ -52,4 +55,6 @@ def batch_statistics(
         M.BUFFER_REPLAYED_FRACTION: len(replayed_prompts) / max(1, len(prompts)),
         M.POLICY_VERSION_LAG_MEAN: finite_mean([float(x) for x in lags]),
         M.POLICY_VERSION_LAG_MAX: float(max(lags)) if lags else math.nan,
+        M.POLICY_STALENESS_MEAN: finite_mean([float(x) for x in stale]),
+        M.POLICY_STALENESS_MAX: float(max(stale)) if stale else math.nan,
     }

@@ -15,12 +15,20 @@ import math
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from learner.objective import LossSettings, MicroBatch, accumulate_gradients, trained_steps
+from learner.objective import (
+    LossSettings,
+    MicroBatch,
+    accumulate_gradients,
+    rescore_stale,
+    trained_steps,
+)
+from opgrpo import metrics as M
 from opgrpo.config import Config, torch_threads
 from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec
@@ -148,7 +156,14 @@ class LearnerWorker:
         rows: one per trajectory: {chunk, index, advantage, valid}.
         """
         resolved = self._fetch_all(chunks)
+        began = time.perf_counter()
         trajectories: list[Trajectory] = [resolved[r["chunk"]][r["index"]] for r in rows]
+        # pi_old is this rank's weights now: samples drawn by an older version (async mode)
+        # get their old log-probs from one no-grad forward per step before any update.
+        trajectories, n_stale = rescore_stale(
+            self.policy, trajectories, self.version, self.spec, self.settings,
+            self.config.learner.micro_batch_size, forward_all=self._any_rank_stale(trajectories))
+        rescored_s = time.perf_counter() - began
         advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
         valid = torch.tensor([r["valid"] for r in rows], dtype=torch.bool)
         mb = self.config.learner.micro_batch_size
@@ -170,7 +185,22 @@ class LearnerWorker:
                     self.policy, batch, self.spec, self.settings, self._backward,
                     num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass))
         self.version += 1
-        return nan_mean(collected)
+        return {**nan_mean(collected), M.POLICY_RESCORED_FRACTION: n_stale / max(1, len(rows)),
+                "time/learner_rescore": rescored_s,
+                "time/learner_compute": time.perf_counter() - began}
+
+    def _any_rank_stale(self, trajectories: list[Trajectory]) -> bool:
+        """Whether any rank has samples to re-score. Then every rank runs the forwards over
+        all of its samples: ranks hold equally many, and under ZeRO-3 each forward gathers
+        the parameters collectively, so all ranks must run the same number of them."""
+        if self.world_size == 1:
+            return False
+        import torch.distributed as dist
+
+        mine = any(t.rollout_version != self.version for t in trajectories)
+        flag = torch.tensor([int(mine)], dtype=torch.int64)
+        dist.all_reduce(flag)
+        return int(flag.item()) > 0
 
     def _fetch_all(self, chunks: list) -> list:
         """Every chunk this rank trains on, or BatchLost on every rank: the ranks agree before

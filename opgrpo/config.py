@@ -181,6 +181,10 @@ class LearnerConfig(_Section):
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to +-this.")
     global_std: bool = Field(False, description="Normalise advantages by the batch std.")
     seq_weight_max: float | None = Field(None, gt=0, description="Clamp w_i to [0, this].")
+    stale_rescore: Literal["all", "trained"] = Field(
+        "all", description="Async mode: the steps of a stale sample (drawn by an older version "
+        "than the learner's) that the learner re-scores under pi_old and puts in w_i. `all` "
+        "is the exact sequence ratio; `trained` skips the untrained steps (cheaper, biased).")
     timestep_fraction: float = Field(0.9, gt=0, le=1, description="Share of steps trained.")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -207,6 +211,14 @@ class LearnerConfig(_Section):
 
 class TrainConfig(_Section):
     num_steps: int = Field(300, ge=1, description="Training iterations.")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rollout waits for the learner and the learner for rollout. "
+        "async: the rollout of the next batches runs while the learner trains (see "
+        "max_staleness).")
+    max_staleness: int = Field(
+        1, ge=0, description="Async mode: weight versions a fresh sample may lag behind the "
+        "learner when it is trained. Batch k is launched as soon as version k-1-s exists, so "
+        "up to s batches are drawn ahead. 0 = the synchronous schedule. Ignored in sync mode.")
     prompts_file: str | None = Field(None, description="Training prompts (txt or JSONL).")
     eval_prompts_file: str | None = Field(None, description="Evaluation prompts.")
     eval_every: int = Field(25, ge=1)
@@ -280,6 +292,11 @@ class Config(_Section):
         if self.learner.offload_optimizer and self.learner.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
         return self
+
+    @property
+    def staleness(self) -> int:
+        """Batches drawn ahead of the learner: max_staleness in async mode, else 0."""
+        return self.train.max_staleness if self.train.mode == "async" else 0
 
     @property
     def truncate_step(self) -> int:

@@ -1,4 +1,4 @@
-"""The training driver (`opgrpo train`): one synchronous OP-GRPO iteration after another.
+"""The training driver (`opgrpo train`): the work of one OP-GRPO iteration on the actor pools.
 
 Per iteration (ARCHITECTURE.md, "One iteration"):
 1. prompts: (1 - rho) from the dataset, rho from the replay buffer;
@@ -7,6 +7,8 @@ Per iteration (ARCHITECTURE.md, "One iteration"):
 4. the driver computes advantages and offers each group's best to the buffer actor;
 5. learner ranks train on whole groups; 6. rank 0's weights go to the rollout actors.
 Trajectories stay in Ray's object store; the driver only handles rewards and metadata.
+In async mode (`train.mode`) the rollout of later iterations is launched before the learner
+trains this one; `opgrpo.train` keeps that pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -39,7 +41,8 @@ class SampleInfo:
     group: int
     prompt_key: str
     replayed: bool
-    behaviour_version: int
+    behaviour_version: int  # of the stored prefix for a replayed sample
+    rollout_version: int = -1  # of the actor that drew the fresh steps (known once drawn)
     reward: float = float("nan")
 
 
@@ -52,6 +55,13 @@ class Rollout:
     rewards: list  # ObjectRef per chunk: {name: (N,)}
     samples: list[SampleInfo]
     prompts: list[PromptRecord]
+    meta: list = field(default_factory=list)  # ObjectRef per chunk: `chunk_meta` dict
+    chunk_meta: list[dict] = field(default_factory=list)  # the meta values, after `score`
+
+    @property
+    def busy_seconds(self) -> float:
+        """Rollout-actor seconds spent on this batch's chunks (known after `score`)."""
+        return sum(m["end"] - m["start"] for m in self.chunk_meta)
 
 
 def choose_prompts(records: list[PromptRecord], n: int, seed: int, step: int,
@@ -108,34 +118,41 @@ class Iteration:
             part = rows[start : start + size]
             seeds = [trajectory_seed(cfg.run.seed, step, r.key, j) for _, r, j in part]
             worker = self.rollout.worker(c)
-            trajs, images = worker.generate.options(num_returns=2).remote(
+            refs = worker.generate.options(num_returns=3).remote(
                 [r.text for _, r, _ in part], [r.key for _, r, _ in part], seeds, version)
-            self._add_chunk(out, trajs, images, [r.text for _, r, _ in part])
+            self._add_chunk(out, refs, [r.text for _, r, _ in part])
             out.samples += [SampleInfo(c, i, g, r.key, False, version)
                             for i, (g, r, _) in enumerate(part)]
         if replayed:
             c = len(out.trajectories)
             seeds = [trajectory_seed(cfg.run.seed, step, r.key, 0) for r in replayed]
-            trajs, images = self.rollout.worker(c).regenerate.options(num_returns=2).remote(
+            refs = self.rollout.worker(c).regenerate.options(num_returns=3).remote(
                 payload_ref, cfg.truncate_step, seeds, version)
-            self._add_chunk(out, trajs, images, [r.text for r in replayed])
+            self._add_chunk(out, refs, [r.text for r in replayed])
             out.samples += [SampleInfo(c, i, i, r.key, True, int(m["version"]))
                             for i, (r, m) in enumerate(zip(replayed, replay_meta))]
         return out
 
-    def _add_chunk(self, out: Rollout, trajs, images, texts: list[str]) -> None:
+    def _add_chunk(self, out: Rollout, refs, texts: list[str]) -> None:
+        trajs, images, meta = refs
         c = len(out.trajectories)
         out.trajectories.append(trajs)
         out.images.append(images)
+        out.meta.append(meta)
         out.rewards.append(self.reward.worker(c).score.remote(images, texts))  # pipelined
 
 
 def score(rollout: Rollout) -> dict[str, float]:
-    """Wait for the rewards; fill them into the samples; return per-reward means (of the
-    finite values: a NaN or infinite reward drops its sample, see `group_advantages`)."""
+    """Wait for the rewards; fill them and the weight version that drew each chunk into the
+    samples; return per-reward means (of the finite values: a NaN or infinite reward drops its
+    sample, see `group_advantages`)."""
     results = ray.get(rollout.rewards)
+    rollout.chunk_meta = ray.get(rollout.meta)
     per_name: dict[str, list[float]] = {}
     for sample in rollout.samples:
+        sample.rollout_version = int(rollout.chunk_meta[sample.chunk]["version"])
+        if not sample.replayed:
+            sample.behaviour_version = sample.rollout_version
         result = results[sample.chunk]
         sample.reward = float(result[TOTAL][sample.index])
         for name, values in result.items():

@@ -33,3 +33,9 @@ BUFFER_REPLAYED_FRACTION = "buffer/replayed_prompt_fraction"
 
 POLICY_VERSION_LAG_MEAN = "policy/version_lag_mean"
 POLICY_VERSION_LAG_MAX = "policy/version_lag_max"
+# staleness of the fresh steps: learner version at the update minus the version of the rollout
+# actor that drew them (0 in sync mode; at most train.max_staleness in async mode)
+POLICY_STALENESS_MEAN = "policy/staleness_mean"
+POLICY_STALENESS_MAX = "policy/staleness_max"
+# share of a learner rank's samples drawn by an older version: re-scored under pi_old
+POLICY_RESCORED_FRACTION = "policy/rescored_fraction"

@@ -40,6 +40,7 @@ from opgrpo import metrics as M
 from opgrpo.config import Config, dump_config, load_config
 from opgrpo.driver import (
     Iteration,
+    Rollout,
     admit_winners,
     advantages_of,
     learner_shards,
@@ -164,9 +165,13 @@ class Trainer:
                                         else self.config.rollout.num_actors)
 
     def _sync_weights(self) -> int:
+        """Push the learner's weights to the rollout actors as `self.version`. In async mode
+        the push is not waited for: each actor takes it after the chunks it already has
+        queued (a chunk is drawn with one version), so the learner goes on at once."""
         state_ref, all_refs = self.learners.export_weights_async()
         ray.get(all_refs[1:])  # other ranks only join the gather; their errors surface here
-        self.rollout.set_weights(state_ref, self.version)  # straight from rank 0's store
+        # straight from rank 0's store
+        self.rollout.set_weights(state_ref, self.version, wait=self.config.staleness == 0)
         return self.version
 
     # ----- checkpoints ---------------------------------------------------------------------
@@ -216,6 +221,7 @@ class Trainer:
         from opgrpo.images import save_grid
 
         cfg = self.config
+        started = time.perf_counter()
         name = next(iter(cfg.reward.functions))  # the first reward is the evaluation metric
         prompts = [(r.text, r.key) for r in self.eval_prompts]
         n = cfg.train.eval_images_per_prompt
@@ -233,7 +239,8 @@ class Trainer:
         save_grid(torch.from_numpy(floats[:shown]), [t for t, _ in prompts[: shown // n]],
                   self.run_dir / "samples" / f"step{step:05d}.png", n, labels)
         with (self.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **summary}) + "\n")
+            f.write(json.dumps({"step": step, **summary,
+                                "seconds": time.perf_counter() - started}) + "\n")
         log.info("eval at step %d: %s", step, json.dumps(summary))
         return summary
 
@@ -248,6 +255,7 @@ class Trainer:
         summary = {}
         if not self.resume and self.eval_prompts:
             summary["eval_before"] = self.evaluate(0)
+        self._started = time.perf_counter()  # the first evaluation is not training time
         columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns) as progress:
@@ -280,6 +288,14 @@ class Trainer:
         summary["steps"] = cfg.train.num_steps
         return summary
 
+    def _last_elapsed(self) -> float:
+        """`time/elapsed` of the last logged step (0 for a new run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0.0
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return float(rows[-1].get("time/elapsed", 0.0)) if rows else 0.0
+
     def _stop_for_redis(self, exc: Exception, last_done: int) -> None:
         """Redis stayed down: checkpoint the last finished step (learner only; the buffer
         already holds what it had), then stop with a message that says how to go on."""
@@ -296,16 +312,42 @@ class Trainer:
         self.start_actors()
         self.version, self._buffer_busy_s, self.last_checkpoint = 0, 0.0, 0
         self.redis_down: Exception | None = None
+        # Launched rollouts not trained yet, by step: in async mode up to max_staleness
+        # batches are drawn ahead of the learner. A resumed run starts with none.
+        self.pipeline: dict[int, Rollout] = {}
         first = self.restore() if self.resume else 1
+        # `time/elapsed`: wall-clock of the training loop (later evaluations included); a
+        # resumed run's clock goes on from its last row
+        self._elapsed_before, self._started = self._last_elapsed(), time.perf_counter()
         self._sync_weights()
         return first
+
+    def _launch_ahead(self, iteration: Iteration, step: int) -> None:
+        """Launch every batch up to step + s that is not launched yet. The weights of version
+        step - 1 are pushed, so batch m (trained by version m - 1) lags by at most s: the
+        schedule, and with it every sample's version, depends on the config alone."""
+        last = min(step + self.config.staleness, self.config.train.num_steps)
+        for m in range(step, last + 1):
+            if m not in self.pipeline:
+                self.pipeline[m] = iteration.launch(m, self.dataset, self.version)
+
+    def _resize_rollout(self) -> None:
+        target = self._requested_rollout()
+        if target < len(self.rollout) and self.pipeline:
+            # Chunks queued on an actor about to go would be lost: let them finish first
+            # (their results stay in the object store after the actor is gone).
+            refs = [ref for r in self.pipeline.values() for ref in r.meta]
+            ray.wait(refs, num_returns=len(refs))
+        self.rollout.resize(target)
 
     def step(self, iteration: Iteration, step: int) -> dict:
         cfg, timings = self.config, {}
         start = time.perf_counter()
-        self.rollout.resize(self._requested_rollout())
+        self._resize_rollout()
+        self._launch_ahead(iteration, step)
         for attempt in range(1, ROLLOUT_ATTEMPTS + 1):
-            rollout, reward_means = self._rollout_and_score(iteration, step, timings)
+            rollout, reward_means = self._rollout_and_score(
+                iteration, step, timings, self.pipeline.pop(step, None))
             samples = rollout.samples
             adv = advantages_of(cfg, samples)
             # Buffer admission runs in the buffer actor while the learner trains: neither
@@ -343,6 +385,10 @@ class Trainer:
         row = {"step": step, "version": self.version, **stats, **reward_means,
                **batch_statistics(samples, adv, self.version - 1), **timings,
                "time/iteration": elapsed, "images_per_s": len(samples) / elapsed,
+               # actor-seconds of rollout work on this batch (drawn during earlier steps in
+               # async mode): busy fraction = sum / (actors x wall-clock)
+               "time/rollout_busy": rollout.busy_seconds,
+               "time/elapsed": self._elapsed_before + time.perf_counter() - self._started,
                # the buffer actor's own working time this step, overlapped or not
                "time/buffer_actor": buffer_stats["busy_s"] - previous_busy_s,
                M.BUFFER_SIZE: buffer_stats["size"],
@@ -371,19 +417,29 @@ class Trainer:
                             "group winners are not admitted", step, type(exc).__name__)
         return outcomes
 
-    def _rollout_and_score(self, iteration: Iteration, step: int, timings: dict):
-        """Launch the rollout and wait for it and its rewards. A crashed actor is restarted by
-        Ray, which re-runs its unfinished tasks; an actor that is gone for good (restarts used
-        up, node lost) is replaced here and the whole rollout is drawn again: every draw is
-        seeded by (seed, step, prompt), so the redone batch is the same one, and nothing of
-        it reached the learner or the buffer yet."""
+    def _rollout_and_score(self, iteration: Iteration, step: int, timings: dict,
+                           launched: Rollout | None = None):
+        """Wait for the step's rollout (`launched` earlier, or launched now) and its rewards.
+        A crashed actor is restarted by Ray, which re-runs its unfinished tasks; an actor that
+        is gone for good (restarts used up, node lost) is replaced here and the whole rollout
+        is drawn again: every draw is seeded by (seed, step, prompt), so the redone batch is
+        the same one (with the current weights), and nothing of it reached the learner or the
+        buffer yet. `time/rollout` is the driver's wait: in async mode the drawing mostly
+        happened during earlier steps (`time/rollout_busy` counts it)."""
+        oldest = self.version - self.config.staleness
         for attempt in range(1, ROLLOUT_ATTEMPTS + 1):
             try:
                 with timed("rollout", timings):
-                    rollout = iteration.launch(step, self.dataset, self.version)
+                    rollout = launched or iteration.launch(step, self.dataset, self.version)
+                    launched = None  # a redraw launches anew
                     ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
                 with timed("reward", timings):  # a lost chunk's error surfaces in its reward
-                    return rollout, score(rollout)
+                    reward_means = score(rollout)
+                too_old = min(s.rollout_version for s in rollout.samples)
+                if too_old < oldest:  # the schedule rules it out; never train on it
+                    raise StaleWeights(f"step {step}: a chunk was drawn by weight version "
+                                       f"{too_old}; train.max_staleness allows {oldest} or newer")
+                return rollout, reward_means
             except Exception as exc:
                 if attempt == ROLLOUT_ATTEMPTS:
                     raise

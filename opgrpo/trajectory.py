@@ -79,6 +79,12 @@ class Trajectory:
         return tuple(self.latents.shape[1:])
 
     @property
+    def rollout_version(self) -> int:
+        """Weight version of the rollout actor that drew the fresh steps (all steps of a fresh
+        trajectory, the regenerated tail of a replayed one)."""
+        return int(self.extras.get("rollout_version", self.behaviour_version))
+
+    @property
     def num_off_policy_steps(self) -> int:
         return int(self.off_policy_mask.sum())
 

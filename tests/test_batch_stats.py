@@ -73,10 +73,10 @@ def test_a_dropped_sample_never_wins_its_group():
             self.sent.append(candidates)
             return len(self.sent)
 
-    samples = [SampleInfo(0, 0, 0, "a", False, 0, float("nan")),
-               SampleInfo(0, 1, 0, "a", False, 0, 0.3),
-               SampleInfo(0, 2, 1, "b", False, 0, float("inf")),
-               SampleInfo(0, 3, 1, "b", False, 0, float("nan"))]
+    samples = [SampleInfo(0, 0, 0, "a", False, 0, reward=float("nan")),
+               SampleInfo(0, 1, 0, "a", False, 0, reward=0.3),
+               SampleInfo(0, 2, 1, "b", False, 0, reward=float("inf")),
+               SampleInfo(0, 3, 1, "b", False, 0, reward=float("nan"))]
     adv = group_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([0, 0, 1, 1]))
     buffer = Recorder()
     admit_winners(buffer, Rollout(["chunk"], [], [], samples, []), samples, adv, step=1)

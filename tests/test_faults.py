@@ -54,7 +54,10 @@ def _data(tmp_path, name, **sections):
         "buffer": {"off_policy_fraction": 0.25, "capacity": 16, "truncate_step": 3},
         "learner": {"num_ranks": 1, "num_cpus": 0.25, "micro_batch_size": 16,
                     "learning_rate": 3e-3, "clip_range": 0.2},
-        "train": {"num_steps": STEPS,
+        # Synchronous: a redone step then equals the undisturbed one exactly, which is what
+        # these tests compare. In async mode a restarted rollout actor loads the newest
+        # weights, so a redone chunk may be drawn by a newer version (tests/test_async.py).
+        "train": {"num_steps": STEPS, "mode": "sync",
                   "prompts_file": str(REPO / "configs/shapes/train_metadata.jsonl"),
                   "checkpoint_every": 2, "eval_every": 100},
         "run": {"name": name, "output_dir": str(tmp_path), "seed": 0},

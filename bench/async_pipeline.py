@@ -1,0 +1,289 @@
+"""Synchronous against asynchronous training on the shapes task: wall-clock to a target accuracy.
+
+Every run is a real `opgrpo train` of `configs/shapes_tiny.yaml` with section 1's benchmark
+recipe (learning rate 1e-5, 300 steps, checkpoints every 25 steps). Runs do not evaluate while
+they train, so that their clocks hold training only: `evaluate` scores the checkpoints
+afterwards with the in-run protocol (127 test prompts, 4 ODE images of 40 steps each, the
+run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations exactly).
+
+Each side owns one core (`run.torch_threads=1`): the rollout actor one, the learner rank one.
+That models the deployment the pipeline is for, rollout and learner on separate GPUs, where
+synchronous mode leaves one side idle while the other works. `sync2t-s0` measures synchronous
+mode with each phase on both cores, the best this 2-core box can do without overlap.
+
+    python bench/async_pipeline.py run [--only NAME ...]      # train (resumes a stopped run)
+    python bench/async_pipeline.py evaluate [--only NAME ...] # checkpoints -> eval curves
+    python bench/async_pipeline.py report                     # table JSON + PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from train_runner import train_or_resume
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs" / "async_pipeline"
+RESULTS = ROOT / "bench" / "results" / "async_pipeline"
+CONFIG = "configs/shapes_tiny.yaml"
+STEPS, EVERY, SEEDS = 300, 25, (0, 1, 2)
+# Section 1's benchmark recipe; no evaluation in the run (see the module docstring). The tiny
+# recipe trains 2 of 10 steps: re-scoring all 10 steps of a stale sample would cost the
+# learner more than its training, so the learner re-scores the trained steps (`async1-all-s0`
+# measures the exact variant's cost).
+COMMON = ["learner.learning_rate=1e-5", f"train.checkpoint_every={EVERY}",
+          "train.eval_prompts_file=null", "learner.stale_rescore=trained"]
+ONE_CORE = ["run.torch_threads=1"]
+RUNS_DEFINED: dict[str, tuple[list[str], int]] = {}  # name -> (overrides, steps)
+for _seed in SEEDS:
+    RUNS_DEFINED[f"sync-s{_seed}"] = ([f"run.seed={_seed}", "train.mode=sync", *ONE_CORE], STEPS)
+    RUNS_DEFINED[f"async1-s{_seed}"] = ([f"run.seed={_seed}", "train.mode=async",
+                                         "train.max_staleness=1", *ONE_CORE], STEPS)
+SWEEP = (2, 4, 8)
+for _s in SWEEP:  # the largest staleness that stays stable (seed 0)
+    RUNS_DEFINED[f"async{_s}-s0"] = (["run.seed=0", "train.mode=async",
+                                      f"train.max_staleness={_s}", *ONE_CORE], STEPS)
+RUNS_DEFINED.update({  # timing only: not evaluated
+    "sync2t-s0": (["run.seed=0", "train.mode=sync", "run.torch_threads=2"], 50),
+    "async1-all-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1",
+                       "learner.stale_rescore=all", *ONE_CORE], 50),
+})
+TIMING_ONLY = ("sync2t-s0", "async1-all-s0")
+ORDER = ["async1-s0", "sync-s0", "async1-s1", "sync-s1", "async1-s2", "sync-s2", "sync2t-s0",
+         "async1-all-s0", "async2-s0", "async4-s0", "async8-s0"]
+# The staleness sweep is judged by its final accuracy (the mean of the last 3 evaluations)
+# and its training curves, so its checkpoints are evaluated less often.
+SPARSE_EVAL = (50, 100, 150, 200, 250, 275, 300)
+KEPT = ("reward/mean", "reward/dataset_prompts_mean", "loss/approx_kl", "loss/kl",
+        "loss/clipfrac", "loss/seq_weight_mean", "loss/seq_weight_max",
+        "policy/staleness_max", "policy/staleness_mean", "policy/rescored_fraction",
+        "time/iteration", "time/elapsed", "time/rollout", "time/train", "time/rollout_busy",
+        "time/learner_compute", "time/learner_rescore", "time/weight_sync", "actors/rollout")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_one(name: str) -> None:
+    overrides, steps = RUNS_DEFINED[name]
+    run_dir = RUNS / name
+    if len(_rows(run_dir / "metrics.jsonl")) >= steps:
+        print(f"[{name}] done", flush=True)
+        return
+    full = [*COMMON, *overrides, f"run.name={name}",
+            f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}"]
+    train_or_resume(ROOT, run_dir, CONFIG, full)
+
+
+def evaluate_run(name: str, threads: int) -> dict:
+    """Eval strict accuracy of the run's checkpoints every 25 steps (step 0 = base model),
+    saved after each one, so that a stopped evaluation goes on where it was."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from eval_drift import evaluate_model
+
+    from opgrpo.config import load_config
+    from opgrpo.export import export_checkpoint
+
+    torch.set_num_threads(threads)
+    run_dir = RUNS / name
+    config = load_config(run_dir / "config.yaml")
+    path = RESULTS / f"{name}_eval.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    steps = (SPARSE_EVAL if name.startswith(tuple(f"async{x}-" for x in SWEEP))
+             else range(0, RUNS_DEFINED[name][1] + 1, EVERY))
+    for step in steps:
+        if str(step) in done:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            model = (config.model.path if step == 0 else
+                     str(export_checkpoint(run_dir, Path(tmp) / "m", step=step)))
+            done[str(step)] = evaluate_model(model, ["test_ode40"], config.run.seed)["test_ode40"]
+        path.write_text(json.dumps(done) + "\n")
+    return done
+
+
+def _smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
+    """Trailing mean over `window` evaluations (section 1's curve)."""
+    return np.array([values[max(0, i - window + 1): i + 1].mean() for i in range(len(values))])
+
+
+def _series(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+
+def summarize(name: str) -> dict | None:
+    rows = _rows(RUNS / name / "metrics.jsonl")
+    if not rows:
+        return None
+    overrides, steps = RUNS_DEFINED[name]
+    threads = 2 if "run.torch_threads=2" in overrides else 1
+    actors = _series(rows, "actors/rollout")
+    iteration = _series(rows, "time/iteration")
+    elapsed = _series(rows, "time/elapsed")
+    wall = float(elapsed[-1])
+    busy = float(np.nansum(_series(rows, "time/rollout_busy")))
+    compute = float(np.nansum(_series(rows, "time/learner_compute")))
+    out = {
+        "name": name, "overrides": [*COMMON, *overrides], "steps_done": len(rows),
+        "steps": steps, "torch_threads": threads,
+        "median_s_per_step": float(np.median(iteration[1:])),
+        "wall_clock_s": wall,
+        # busy: actor-seconds of chunk work over actors x wall-clock; idle: wall-clock the
+        # learner rank did not spend in `train` (fetching, re-scoring and updating)
+        "rollout_busy_fraction": busy / (float(np.nanmean(actors)) * wall),
+        "learner_idle_fraction": 1 - compute / wall,
+        "staleness_max": float(np.nanmax(_series(rows, "policy/staleness_max"))),
+        "rescore_s_mean": float(np.nanmean(_series(rows, "time/learner_rescore"))),
+        "metrics": {k: [r.get(k) for r in rows] for k in KEPT},
+    }
+    path = RESULTS / f"{name}_eval.json"
+    if path.is_file():
+        evals = json.loads(path.read_text())
+        steps_eval = sorted(int(s) for s in evals)
+        strict = np.array([evals[str(s)]["strict"] for s in steps_eval])
+        out["eval_steps"] = steps_eval
+        out["eval_strict"] = strict.tolist()
+        out["eval_strict_smoothed"] = _smooth(strict).tolist()
+        out["elapsed_at_eval"] = [0.0 if s == 0 else float(elapsed[s - 1]) for s in steps_eval
+                                  if s <= len(rows)]
+    return out
+
+
+def _grpo_target() -> dict:
+    """Section 1's on-policy GRPO (sync, no buffer): its final smoothed eval accuracy."""
+    finals = {}
+    for seed in SEEDS:
+        path = ROOT / "bench" / "results" / "sample_efficiency" / f"grpo-s{seed}.json"
+        result = json.loads(path.read_text())
+        strict = np.array([e["strict"] for e in result["eval"]])
+        finals[seed] = float(_smooth(strict)[-1])
+    return {"per_seed": finals, "mean": float(np.mean(list(finals.values())))}
+
+
+def _reach(summary: dict, target: float) -> tuple[int | None, float | None]:
+    """First evaluated step whose smoothed accuracy reaches `target`, and the training
+    wall-clock seconds at that step."""
+    if "eval_strict_smoothed" not in summary:
+        return None, None
+    for step, value, seconds in zip(summary["eval_steps"], summary["eval_strict_smoothed"],
+                                    summary["elapsed_at_eval"]):
+        if step > 0 and value >= target - 1e-9:
+            return step, seconds
+    return None, None
+
+
+def report() -> dict:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = _grpo_target()
+    runs = {}
+    for name in ORDER:
+        summary = summarize(name)
+        if summary is None:
+            continue
+        if "eval_strict_smoothed" in summary:
+            step, seconds = _reach(summary, target["mean"])
+            seed = int(name.rsplit("-s", 1)[1])
+            pstep, pseconds = _reach(summary, target["per_seed"][seed])
+            summary.update({"reach_target_step": step, "reach_target_s": seconds,
+                            "reach_paired_step": pstep, "reach_paired_s": pseconds,
+                            "final_strict_smoothed": float(np.mean(summary["eval_strict"][-3:]))})
+        runs[name] = summary
+    out = {"target": target, "runs": runs, "shared_cores": _shared_cores(runs)}
+    (ROOT / "bench" / "results" / "async_pipeline.json").write_text(
+        json.dumps(out) + "\n")
+    plot(runs, target, ROOT / "bench" / "results" / "async_pipeline.png")
+    for s in runs.values():
+        print(json.dumps({k: s.get(k) for k in (
+            "name", "steps_done", "median_s_per_step", "wall_clock_s", "rollout_busy_fraction",
+            "learner_idle_fraction", "staleness_max", "final_strict_smoothed",
+            "reach_target_step", "reach_target_s", "reach_paired_step", "reach_paired_s")}))
+    return out
+
+
+def _shared_cores(runs: dict) -> dict | None:
+    """Synchronous mode with both cores per phase (`sync2t-s0`, 50 steps): the same numbers as
+    `sync-s0` (checked step by step), in less time per step. Its time to the target is that
+    per-step time times the step at which each `sync-s<seed>` run reached the target."""
+    if "sync2t-s0" not in runs or "sync-s0" not in runs:
+        return None
+    fast, slow = runs["sync2t-s0"], runs["sync-s0"]
+    per_step = fast["wall_clock_s"] / fast["steps_done"]
+    n = fast["steps_done"]
+    same = [a == b for a, b in zip(fast["metrics"]["reward/mean"][:n],
+                                   slow["metrics"]["reward/mean"][:n])]
+    out = {"s_per_step": per_step, "one_core_s_per_step": slow["wall_clock_s"] / slow["steps_done"],
+           "reward_rows_equal_to_sync_s0": f"{sum(same)}/{len(same)}"}
+    for seed in SEEDS:
+        run = runs.get(f"sync-s{seed}", {})
+        for kind in ("target", "paired"):
+            step = run.get(f"reach_{kind}_step")
+            out[f"reach_{kind}_s_seed{seed}"] = None if step is None else step * per_step
+    return out
+
+
+def plot(runs: dict, target: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {"sync": "tab:blue", "async1": "tab:orange", "async2": "tab:green",
+               "async4": "tab:red", "async8": "tab:purple"}
+    for name, s in runs.items():
+        if "eval_strict_smoothed" not in s:
+            continue
+        kind = name.rsplit("-s", 1)[0]
+        style = {"color": colours.get(kind, "grey"), "alpha": 0.85, "label": name}
+        n = len(s["elapsed_at_eval"])
+        ax_time.plot(np.array(s["elapsed_at_eval"]) / 60, s["eval_strict_smoothed"][:n],
+                     **style)
+        ax_step.plot(s["eval_steps"], s["eval_strict_smoothed"], **style)
+    for ax in (ax_time, ax_step):
+        ax.axhline(target["mean"], color="black", linestyle="--", linewidth=1,
+                   label="on-policy GRPO final (3 seeds)")
+        ax.set_ylabel("eval strict accuracy (trailing mean of 3)")
+    ax_time.set_xlabel("training wall-clock (min)")
+    ax_step.set_xlabel("step")
+    ax_step.legend(fontsize=7, ncol=2)
+    fig.suptitle("shapes task: synchronous vs asynchronous OP-GRPO (one core per side)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["run", "evaluate", "report"])
+    parser.add_argument("--only", nargs="+", choices=list(RUNS_DEFINED))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of `evaluate`")
+    args = parser.parse_args()
+    names = args.only or ORDER
+    # SIGTERM stops the runner through its `finally`s: the current run is stopped too and
+    # resumes from its last checkpoint next time (background jobs ignore SIGINT)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.action == "run":
+        for name in names:
+            run_one(name)
+    elif args.action == "evaluate":
+        for name in names:
+            if name not in TIMING_ONLY:
+                evaluate_run(name, args.threads)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
