@@ -11,9 +11,14 @@ That models the deployment the pipeline is for, rollout and learner on separate 
 synchronous mode leaves one side idle while the other works. `sync2t-s0` measures synchronous
 mode with each phase on both cores, the best this 2-core box can do without overlap.
 
-    python bench/async_pipeline.py run [--only NAME ...]      # train (resumes a stopped run)
+    python bench/async_pipeline.py run [--only NAME ...]      # train, evaluate, report
     python bench/async_pipeline.py evaluate [--only NAME ...] # checkpoints -> eval curves
     python bench/async_pipeline.py report                     # table JSON + PNG
+
+`run` trains each run (resuming a stopped one), evaluates its checkpoints and rewrites the
+report before it goes on to the next, so the results (`bench/results/async_pipeline/`: each
+run's kept metric series and its eval curve) are complete per run and outlive the run
+directories, which hold the checkpoints.
 """
 
 from __future__ import annotations
@@ -74,14 +79,17 @@ def _rows(path: Path) -> list[dict]:
 
 
 def run_one(name: str) -> None:
+    """Train `name` (or resume it) and keep its metric series in the results."""
     overrides, steps = RUNS_DEFINED[name]
     run_dir = RUNS / name
-    if len(_rows(run_dir / "metrics.jsonl")) >= steps:
-        print(f"[{name}] done", flush=True)
-        return
-    full = [*COMMON, *overrides, f"run.name={name}",
-            f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}"]
-    train_or_resume(ROOT, run_dir, CONFIG, full)
+    if len(_rows(run_dir / "metrics.jsonl")) < steps:
+        full = [*COMMON, *overrides, f"run.name={name}",
+                f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}"]
+        train_or_resume(ROOT, run_dir, CONFIG, full)
+    rows = _rows(run_dir / "metrics.jsonl")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}_metrics.json").write_text(
+        json.dumps({k: [r.get(k) for r in rows] for k in KEPT}) + "\n")
 
 
 def evaluate_run(name: str, threads: int) -> dict:
@@ -124,9 +132,11 @@ def _series(rows: list[dict], key: str) -> np.ndarray:
 
 
 def summarize(name: str) -> dict | None:
-    rows = _rows(RUNS / name / "metrics.jsonl")
-    if not rows:
+    path = RESULTS / f"{name}_metrics.json"
+    if not path.is_file():
         return None
+    series = json.loads(path.read_text())
+    rows = [dict(zip(series, values)) for values in zip(*series.values())]
     overrides, steps = RUNS_DEFINED[name]
     threads = 2 if "run.torch_threads=2" in overrides else 1
     actors = _series(rows, "actors/rollout")
@@ -146,7 +156,7 @@ def summarize(name: str) -> dict | None:
         "learner_idle_fraction": 1 - compute / wall,
         "staleness_max": float(np.nanmax(_series(rows, "policy/staleness_max"))),
         "rescore_s_mean": float(np.nanmean(_series(rows, "time/learner_rescore"))),
-        "metrics": {k: [r.get(k) for r in rows] for k in KEPT},
+        "metrics": series,
     }
     path = RESULTS / f"{name}_eval.json"
     if path.is_file():
@@ -277,6 +287,9 @@ def main() -> None:
     if args.action == "run":
         for name in names:
             run_one(name)
+            if name not in TIMING_ONLY:
+                evaluate_run(name, args.threads)
+            report()
     elif args.action == "evaluate":
         for name in names:
             if name not in TIMING_ONLY:

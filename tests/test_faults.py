@@ -1,7 +1,8 @@
 """Faults injected into the running service (RELIABILITY.md): actors killed with SIGKILL in the
 middle of a rollout, Redis stopped and restarted under the run, the driver killed and resumed.
 
-Every run here is compared with one undisturbed reference run of the same config and seed:
+Every run here is compared with one undisturbed reference run of the same config and seed
+(synchronous mode; the asynchronous runs here are compared with it too):
 rollout seeds depend only on (seed, step, prompt), so work that is redone after a fault must
 give the same batch, and the same batch must give the learner the same update. Equal rewards
 and equal losses (up to float noise of a fresh process) are the evidence that no group was
@@ -56,7 +57,7 @@ def _data(tmp_path, name, **sections):
                     "learning_rate": 3e-3, "clip_range": 0.2},
         # Synchronous: a redone step then equals the undisturbed one exactly, which is what
         # these tests compare. In async mode a restarted rollout actor loads the newest
-        # weights, so a redone chunk may be drawn by a newer version (tests/test_async.py).
+        # weights, so a redone chunk may be drawn by a newer version (the async tests below).
         "train": {"num_steps": STEPS, "mode": "sync",
                   "prompts_file": str(REPO / "configs/shapes/train_metadata.jsonl"),
                   "checkpoint_every": 2, "eval_every": 100},
@@ -213,6 +214,84 @@ def test_an_actor_gone_for_good_is_replaced_and_the_rollout_redrawn(reference, t
     rows = _rows(tmp_path / "replaced" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
+
+
+TIMING = ("time/", "images_per_s")
+
+
+def _assert_same_numbers(rows, reference) -> None:
+    """Every non-timing value of every row: the EXACT ones equal, floats otherwise equal up to
+    a fresh process's float noise (see CLOSE)."""
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, expected in zip(rows, reference):
+        keys = {k for k in (*row, *expected) if not k.startswith(TIMING)}
+        wrong = [(row["step"], k, row.get(k), expected.get(k)) for k in sorted(keys)
+                 if k not in row or k not in expected
+                 or not _same(row[k], expected[k],
+                              k not in EXACT and isinstance(expected[k], float))]
+        assert not wrong, wrong
+
+
+def _learner_and_rollout_weights(trainer) -> tuple[dict, dict]:
+    state_ref, refs = trainer.learners.export_weights_async()
+    ray.get(refs)
+    return ray.get(state_ref), ray.get(trainer.rollout.workers[0].weights.remote())
+
+
+def test_async_with_staleness_0_is_the_synchronous_run(reference, tmp_path):
+    """`train.mode: async` with s = 0 is the synchronous schedule: the reference's numbers
+    step for step (replayed prompts included), no lag, nothing re-scored."""
+    config = build_config(_data(tmp_path, "async0", train={"mode": "async",
+                                                           "max_staleness": 0}))
+    trainer = Trainer(config, tmp_path / "async0")
+    try:
+        trainer.run()
+    finally:
+        trainer.shutdown()
+    rows = _rows(tmp_path / "async0" / "metrics.jsonl")
+    assert any(r[M.BUFFER_REPLAYED_FRACTION] > 0 for r in rows)  # every path compared
+    _assert_same_numbers(rows, reference["rows"])
+    assert all(r[M.POLICY_STALENESS_MAX] == 0 and r[M.POLICY_RESCORED_FRACTION] == 0
+               for r in rows)
+
+
+def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
+    """s = 1: batch k is drawn by version k - 2 while the learner trains version k - 1, so
+    from step 2 on the fresh samples lag by exactly 1 and the learner re-scores them. Rollout
+    actor 0 is SIGKILLed while it draws ahead during step 2: Ray restarts it, it loads the
+    newest weights from the control actor (a newer version is allowed, an older one refused)
+    and redoes its queued chunks. No step is lost or repeated, the lag never exceeds 1, the
+    first step (drawn and trained by version 0) is the reference's, and the rollout actors
+    end with the learner's weights although no push was waited for."""
+    config = build_config(_data(tmp_path, "async1", train={"mode": "async",
+                                                           "max_staleness": 1}))
+    trainer = Trainer(config, tmp_path / "async1")
+    saboteur = Saboteur(trainer, [(1, "rollout0")])
+    saboteur.start()
+    try:
+        trainer.run()
+        saboteur.join(timeout=60)
+        assert saboteur.error is None, saboteur.error
+        assert len(saboteur.killed) == 1
+        now = ray.get(trainer.rollout.workers[0].identity.remote())["pid"]
+        assert now != saboteur.killed[0]["pid"]  # Ray restarted it
+        learner, held = _learner_and_rollout_weights(trainer)
+    finally:
+        trainer.shutdown()
+    rows = _rows(tmp_path / "async1" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["version"] for r in rows] == list(range(1, STEPS + 1))
+    _assert_same_numbers(rows[:1], reference["rows"][:1])
+    # rollout actor 1 is never disturbed: its chunks of batch k (k >= 2) were drawn by
+    # version k - 2, so the largest lag is exactly 1 from step 2 on, never more
+    assert [r[M.POLICY_STALENESS_MAX] for r in rows] == [0] + [1] * (STEPS - 1)
+    assert rows[0][M.POLICY_RESCORED_FRACTION] == 0
+    for row in rows[1:]:  # stale samples were re-scored and carry a sequence weight
+        assert row[M.POLICY_RESCORED_FRACTION] > 0 and row["time/learner_rescore"] > 0
+        assert math.isfinite(row[M.LOSS_SEQ_WEIGHT_MEAN]) and row[M.LOSS_SEQ_WEIGHT_MEAN] > 0
+        assert row[M.POLICY_VERSION_LAG_MAX] >= 1
+    assert held.keys() == learner.keys()
+    assert all((held[k] == learner[k]).all() for k in learner)
 
 
 def test_redis_restarted_between_steps_is_waited_for(reference, tmp_path):
