@@ -9,7 +9,8 @@ run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations exactly).
 Each side owns one core (`run.torch_threads=1`): the rollout actor one, the learner rank one.
 That models the deployment the pipeline is for, rollout and learner on separate GPUs, where
 synchronous mode leaves one side idle while the other works. `sync2t-s0` measures synchronous
-mode with each phase on both cores, the best this 2-core box can do without overlap.
+mode with each phase on both cores, the best this 2-core box can do without overlap, and
+`async2t-s0` asynchronous mode with both sides on both cores (they compete for them).
 
     python bench/async_pipeline.py run [--only NAME ...]      # train, evaluate, report
     python bench/async_pipeline.py evaluate [--only NAME ...] # checkpoints -> eval curves
@@ -56,12 +57,14 @@ for _s in SWEEP:  # the largest staleness that stays stable (seed 0)
                                       f"train.max_staleness={_s}", *ONE_CORE], STEPS)
 RUNS_DEFINED.update({  # timing only: not evaluated
     "sync2t-s0": (["run.seed=0", "train.mode=sync", "run.torch_threads=2"], 50),
+    "async2t-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1",
+                    "run.torch_threads=2"], 50),
     "async1-all-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1",
                        "learner.stale_rescore=all", *ONE_CORE], 50),
 })
-TIMING_ONLY = ("sync2t-s0", "async1-all-s0")
+TIMING_ONLY = ("sync2t-s0", "async2t-s0", "async1-all-s0")
 ORDER = ["async1-s0", "sync-s0", "async1-s1", "sync-s1", "async1-s2", "sync-s2", "sync2t-s0",
-         "async1-all-s0", "async2-s0", "async4-s0", "async8-s0"]
+         "async2t-s0", "async1-all-s0", "async2-s0", "async4-s0", "async8-s0"]
 # The staleness sweep is judged by its final accuracy (the mean of the last 3 evaluations)
 # and its training curves, so its checkpoints are evaluated less often.
 SPARSE_EVAL = (50, 100, 150, 200, 250, 275, 300)
@@ -210,7 +213,8 @@ def report() -> dict:
                             "reach_paired_step": pstep, "reach_paired_s": pseconds,
                             "final_strict_smoothed": float(np.mean(summary["eval_strict"][-3:]))})
         runs[name] = summary
-    out = {"target": target, "runs": runs, "shared_cores": _shared_cores(runs)}
+    out = {"target": target, "runs": runs, "shared_cores": _shared_cores(runs),
+           "equal_time": _equal_time(runs)}
     (ROOT / "bench" / "results" / "async_pipeline.json").write_text(
         json.dumps(out) + "\n")
     plot(runs, target, ROOT / "bench" / "results" / "async_pipeline.png")
@@ -222,25 +226,59 @@ def report() -> dict:
     return out
 
 
-def _shared_cores(runs: dict) -> dict | None:
-    """Synchronous mode with both cores per phase (`sync2t-s0`, 50 steps): the same numbers as
-    `sync-s0` (checked step by step), in less time per step. Its time to the target is that
-    per-step time times the step at which each `sync-s<seed>` run reached the target."""
-    if "sync2t-s0" not in runs or "sync-s0" not in runs:
-        return None
-    fast, slow = runs["sync2t-s0"], runs["sync-s0"]
-    per_step = fast["wall_clock_s"] / fast["steps_done"]
-    n = fast["steps_done"]
-    same = [a == b for a, b in zip(fast["metrics"]["reward/mean"][:n],
-                                   slow["metrics"]["reward/mean"][:n])]
-    out = {"s_per_step": per_step, "one_core_s_per_step": slow["wall_clock_s"] / slow["steps_done"],
-           "reward_rows_equal_to_sync_s0": f"{sum(same)}/{len(same)}"}
+def _at_time(summary: dict, seconds: float) -> tuple[int, float]:
+    """The last evaluated step trained within `seconds`, and its smoothed accuracy."""
+    best = (0, summary["eval_strict_smoothed"][0])
+    for step, value, t in zip(summary["eval_steps"], summary["eval_strict_smoothed"],
+                              summary["elapsed_at_eval"]):
+        if t <= seconds:
+            best = (step, value)
+    return best
+
+
+def _equal_time(runs: dict) -> dict:
+    """Per seed: when the async run has finished its steps, how far the sync run of the same
+    seed got in the same training time (step, smoothed accuracy), against the async run's."""
+    out = {}
     for seed in SEEDS:
-        run = runs.get(f"sync-s{seed}", {})
-        for kind in ("target", "paired"):
-            step = run.get(f"reach_{kind}_step")
-            out[f"reach_{kind}_s_seed{seed}"] = None if step is None else step * per_step
+        fast, slow = runs.get(f"async1-s{seed}"), runs.get(f"sync-s{seed}")
+        if not (fast and slow and "eval_strict_smoothed" in fast
+                and "eval_strict_smoothed" in slow):
+            continue
+        budget = fast["wall_clock_s"]
+        step, value = _at_time(slow, budget)
+        out[str(seed)] = {"seconds": budget, "async_step": fast["eval_steps"][-1],
+                          "async_strict": fast["eval_strict_smoothed"][-1],
+                          "sync_step": step, "sync_strict": value}
     return out
+
+
+def _shared_cores(runs: dict) -> dict | None:
+    """Both sides on both cores (50 steps each, seed 0): `sync2t-s0` and `async2t-s0` against
+    their one-core-per-side runs. A mode's time to the target on shared cores is its shared
+    per-step time times the step at which each of its one-core runs reached the target (the
+    thread count changes float rounding, not the algorithm; the reward rows that stay equal
+    are counted)."""
+    out = {}
+    for mode, shared, alone in (("sync", "sync2t-s0", "sync-s0"),
+                                ("async1", "async2t-s0", "async1-s0")):
+        if shared not in runs or alone not in runs:
+            continue
+        fast, slow = runs[shared], runs[alone]
+        per_step = fast["wall_clock_s"] / fast["steps_done"]
+        n = fast["steps_done"]
+        same = [a == b for a, b in zip(fast["metrics"]["reward/mean"][:n],
+                                       slow["metrics"]["reward/mean"][:n])]
+        entry = {"s_per_step": per_step,
+                 "one_core_s_per_step": slow["wall_clock_s"] / slow["steps_done"],
+                 f"reward_rows_equal_to_{alone}": f"{sum(same)}/{len(same)}"}
+        for seed in SEEDS:
+            run = runs.get(f"{mode}-s{seed}", {})
+            for kind in ("target", "paired"):
+                step = run.get(f"reach_{kind}_step")
+                entry[f"reach_{kind}_s_seed{seed}"] = None if step is None else step * per_step
+        out[mode] = entry
+    return out or None
 
 
 def plot(runs: dict, target: dict, path: Path) -> None:
