@@ -71,7 +71,7 @@ system-deps:
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

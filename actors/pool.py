@@ -1,5 +1,5 @@
 """Pools of Ray actors: rollout workers that can grow and shrink between iterations, reward
-workers, and the small control actor through which `opgrpo scale` resizes a running job."""
+workers. (The control actor that `opgrpo scale` talks to: `actors/control.py`.)"""
 
 from __future__ import annotations
 
@@ -8,51 +8,12 @@ import math
 
 import ray
 
+from actors.control import control_name
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
 from opgrpo.config import Config
 
 log = logging.getLogger(__name__)
-NAMESPACE = "opgrpo"
-
-
-def control_name(run_name: str) -> str:
-    return f"control:{run_name}"
-
-
-class Control:
-    """Holds what another shell asked for (`opgrpo scale`); the driver reads it each step.
-
-    It also holds the current weights (an object ref and its version): a rollout actor that
-    Ray restarts after a crash loads them in its constructor, before it takes any work.
-    """
-
-    def __init__(self) -> None:
-        self.rollout: int | str | None = None
-        self.weights: list = []  # [ObjectRef]: a list, so that Ray passes the ref, not the value
-        self.version = -1
-
-    def set_weights(self, weights: list, version: int) -> int:
-        self.weights, self.version = weights, version
-        return version
-
-    def get_weights(self) -> tuple[list, int]:
-        return self.weights, self.version
-
-    def set_rollout(self, value: int | str) -> int | str:
-        if value != "auto" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"rollout actors must be >= 1 or 'auto', got {value!r}")
-        self.rollout = value
-        return value
-
-    def status(self) -> tuple[int | str | None, int]:
-        """The requested rollout size and the weight version held (-1 after a restart)."""
-        return self.rollout, self.version
-
-    def identity(self) -> dict:
-        import os
-
-        return {"pid": os.getpid()}
 
 
 def fault_options(config: Config) -> dict:

@@ -59,7 +59,7 @@ class RolloutWorker:
     def _load_current(self, control_name: str) -> None:
         import ray
 
-        from actors.pool import NAMESPACE
+        from actors.control import NAMESPACE
 
         try:
             control = ray.get_actor(control_name, namespace=NAMESPACE)

@@ -34,8 +34,21 @@ class LearnerGroup:
             options["resources"] = dict(config.learner.resources)
         data = config.model_dump(mode="json")
         self.workers = [actor_cls.options(**options).remote(data, rank, k) for rank in range(k)]
-        addr, port = ray.get(self.workers[0].address.remote())
-        self.num_parameters = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
+        # Placed (their resources held, which `rollout.num_actors: auto` counts on), not set up.
+        ray.get([w.__ray_ready__.remote() for w in self.workers])
+        # Rank 0's rendezvous address reaches every rank's setup as object refs, so nothing
+        # here waits: the ranks build their DeepSpeed engines while the driver starts the
+        # rollout and reward actors. `wait_ready` collects the outcome.
+        addr, port = self.workers[0].address.options(num_returns=2).remote()
+        self._setup = [w.setup.remote(addr, port) for w in self.workers]
+        self.num_parameters: int | None = None
+
+    def wait_ready(self) -> int:
+        """Wait for every rank's engine (a rank's setup error is raised here); returns the
+        number of parameters."""
+        if self.num_parameters is None:
+            self.num_parameters = ray.get(self._setup)[0]
+        return self.num_parameters
 
     def train_async(self, chunks: list, shards: list[list[dict]], iteration: int) -> list:
         """One rank a shard; `chunks` are rollout refs (each rank fetches what it needs)."""

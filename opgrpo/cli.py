@@ -223,7 +223,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_scale(args: argparse.Namespace) -> int:
     import ray
 
-    from actors.pool import NAMESPACE, control_name
+    from actors.control import NAMESPACE, control_name
 
     value = args.rollout if args.rollout == "auto" else int(args.rollout)
     ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)

@@ -20,12 +20,10 @@ import numpy as np
 import ray
 import torch
 
+from actors.control import NAMESPACE, Control, control_name
 from actors.pool import (
-    NAMESPACE,
-    Control,
     RewardPool,
     RolloutPool,
-    control_name,
     fault_options,
     is_actor_failure,
     is_lost_data,
@@ -153,10 +151,12 @@ class Trainer:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
             cfg.sampling.latent_storage_dtype)
+        # The learner ranks set up (DeepSpeed) while the rollout and reward actors load.
         self.learners = LearnerGroup(cfg, env, self.workers.learner)
         self.rollout = RolloutPool(cfg, env, self.workers.rollout, control=self.control)
         self.rewards = RewardPool(cfg, env, self.workers.reward)
         self.rollout.resize(self._requested_rollout())
+        self.learners.wait_ready()
 
     def _requested_rollout(self) -> int:
         asked, held = ray.get(self.control.status.remote())

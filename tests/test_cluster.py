@@ -20,7 +20,7 @@ def cluster():
 
 def test_job_submit_and_scale(cluster, tmp_path):
     job_id = f"opgrpo-test-{int(time.time())}"
-    overrides = ["train.num_steps=14", "train.eval_prompts_file=null", "run.name=clusterjob",
+    overrides = ["train.num_steps=10", "train.eval_prompts_file=null", "run.name=clusterjob",
                  f"run.output_dir={tmp_path}", "rollout.prompts_per_step=4",
                  "rollout.group_size=4", "sampling.num_steps=4", "learner.micro_batch_size=16",
                  "rollout.num_cpus=0.25"]
@@ -41,7 +41,7 @@ def test_job_submit_and_scale(cluster, tmp_path):
         time.sleep(2)
     assert job_status(cluster, job_id) == "SUCCEEDED"
     done = rows(metrics)
-    assert [r["step"] for r in done] == list(range(1, 15))
+    assert [r["step"] for r in done] == list(range(1, 11))
     assert done[0]["actors/rollout"] == 1 and done[-1]["actors/rollout"] == 2
 
 

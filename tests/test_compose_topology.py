@@ -29,7 +29,7 @@ from raynodes import (
 from buffer_service.local_server import LocalRedis
 
 pytestmark = pytest.mark.slow
-STEPS = 40
+STEPS = 12
 PASSWORD = "topology-test-password"
 
 
