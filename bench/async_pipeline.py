@@ -1,10 +1,21 @@
 """Synchronous against asynchronous training on the shapes task: wall-clock to a target accuracy.
 
 Every run is a real `opgrpo train` of `configs/shapes_tiny.yaml` with section 1's benchmark
-recipe (learning rate 1e-5, 300 steps, checkpoints every 25 steps). Runs do not evaluate while
-they train, so that their clocks hold training only: `evaluate` scores the checkpoints
-afterwards with the in-run protocol (127 test prompts, 4 ODE images of 40 steps each, the
-run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations exactly).
+recipe (learning rate 1e-5, checkpoints every 25 steps). The wall-clock to a target accuracy
+is measured in two parts, so that no number depends on what else the machine was doing, or
+on which day (this box's speed changed by 1.6x between two sessions):
+
+* **Accuracy runs** (300 steps, 3 seeds per mode, plus the staleness sweep) give accuracy
+  against the step. They do not evaluate while they train; `evaluate` scores their
+  checkpoints afterwards with the in-run protocol (127 test prompts, 4 ODE images of 40
+  steps each, the run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations
+  exactly). A run's numbers do not depend on timing (the async schedule depends on the
+  config only, and every side runs one torch thread), so accuracy runs may share the machine.
+* **Timing runs** (50 steps each, seed 0) give the seconds per step of each mode and the
+  busy and idle fractions. `timing` runs them back to back, alone on the machine.
+
+Wall-clock to the target = steps to the target (accuracy run) x seconds per step (timing
+run of the same mode, steps 2-50).
 
 Each side owns one core (`run.torch_threads=1`): the rollout actor one, the learner rank one.
 That models the deployment the pipeline is for, rollout and learner on separate GPUs, where
@@ -12,7 +23,8 @@ synchronous mode leaves one side idle while the other works. `sync2t-s0` measure
 mode with each phase on both cores, the best this 2-core box can do without overlap, and
 `async2t-s0` asynchronous mode with both sides on both cores (they compete for them).
 
-    python bench/async_pipeline.py run [--only NAME ...]      # train, evaluate, report
+    python bench/async_pipeline.py run [--only NAME ...]      # accuracy runs: train, evaluate
+    python bench/async_pipeline.py timing                     # timing runs, alone
     python bench/async_pipeline.py evaluate [--only NAME ...] # checkpoints -> eval curves
     python bench/async_pipeline.py report                     # table JSON + PNG
 
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -55,16 +68,27 @@ SWEEP = (2, 4, 8)
 for _s in SWEEP:  # the largest staleness that stays stable (seed 0)
     RUNS_DEFINED[f"async{_s}-s0"] = (["run.seed=0", "train.mode=async",
                                       f"train.max_staleness={_s}", *ONE_CORE], STEPS)
-RUNS_DEFINED.update({  # timing only: not evaluated
-    "sync2t-s0": (["run.seed=0", "train.mode=sync", "run.torch_threads=2"], 50),
+TIMING_STEPS = 50
+# timing runs -> the accuracy runs' mode they time
+TIMING = {
+    "time-sync-s0": (["run.seed=0", "train.mode=sync", *ONE_CORE], "sync"),
+    "time-async1-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1", *ONE_CORE],
+                       "async1"),
+    # both sides on both cores
+    "sync2t-s0": (["run.seed=0", "train.mode=sync", "run.torch_threads=2"], "sync"),
     "async2t-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1",
-                    "run.torch_threads=2"], 50),
+                    "run.torch_threads=2"], "async1"),
+    # the exact re-scoring of every step (`learner.stale_rescore: all`)
     "async1-all-s0": (["run.seed=0", "train.mode=async", "train.max_staleness=1",
-                       "learner.stale_rescore=all", *ONE_CORE], 50),
-})
-TIMING_ONLY = ("sync2t-s0", "async2t-s0", "async1-all-s0")
-ORDER = ["async1-s0", "sync-s0", "async1-s1", "sync-s1", "async1-s2", "sync-s2", "sync2t-s0",
-         "async2t-s0", "async1-all-s0", "async2-s0", "async4-s0", "async8-s0"]
+                       "learner.stale_rescore=all", *ONE_CORE], "async1"),
+}
+for _name, (_overrides, _mode) in TIMING.items():
+    RUNS_DEFINED[_name] = (_overrides, TIMING_STEPS)
+TIMING_ONLY = tuple(TIMING)
+ONE_CORE_TIMING = {"sync": "time-sync-s0", "async1": "time-async1-s0"}
+SHARED_TIMING = {"sync": "sync2t-s0", "async1": "async2t-s0"}
+ORDER = ["async1-s0", "sync-s0", "async1-s1", "sync-s1", "async1-s2", "sync-s2", "async2-s0",
+         "async4-s0", "async8-s0"]
 # The staleness sweep is judged by its final accuracy (the mean of the last 3 evaluations)
 # and its training curves, so its checkpoints are evaluated less often.
 SPARSE_EVAL = (50, 100, 150, 200, 250, 275, 300)
@@ -152,6 +176,7 @@ def summarize(name: str) -> dict | None:
         "name": name, "overrides": [*COMMON, *overrides], "steps_done": len(rows),
         "steps": steps, "torch_threads": threads,
         "median_s_per_step": float(np.median(iteration[1:])),
+        "mean_s_per_step": float(np.mean(iteration[1:])),  # steady state: steps 2 on
         "wall_clock_s": wall,
         # busy: actor-seconds of chunk work over actors x wall-clock; idle: wall-clock the
         # learner rank did not spend in `train` (fetching, re-scoring and updating)
@@ -185,103 +210,86 @@ def _grpo_target() -> dict:
     return {"per_seed": finals, "mean": float(np.mean(list(finals.values())))}
 
 
-def _reach(summary: dict, target: float) -> tuple[int | None, float | None]:
-    """First evaluated step whose smoothed accuracy reaches `target`, and the training
-    wall-clock seconds at that step."""
-    if "eval_strict_smoothed" not in summary:
-        return None, None
-    for step, value, seconds in zip(summary["eval_steps"], summary["eval_strict_smoothed"],
-                                    summary["elapsed_at_eval"]):
+def _reach(summary: dict, target: float) -> int | None:
+    """First evaluated step whose smoothed accuracy reaches `target`."""
+    for step, value in zip(summary["eval_steps"], summary["eval_strict_smoothed"]):
         if step > 0 and value >= target - 1e-9:
-            return step, seconds
-    return None, None
+            return step
+    return None
+
+
+def _mode(name: str) -> str:
+    return name.rsplit("-s", 1)[0]
+
+
+def _seconds(step: int | None, per_step: float | None) -> float | None:
+    return None if step is None or per_step is None else step * per_step
 
 
 def report() -> dict:
+    """Accuracy runs with their steps to the target, timing runs with their seconds per step,
+    and the product of the two per mode (one core per side, and shared cores)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = _grpo_target()
+    timing = {name: s for name in TIMING if (s := summarize(name)) is not None}
+    one_core = {mode: timing[name]["mean_s_per_step"]
+                for mode, name in ONE_CORE_TIMING.items() if name in timing}
+    shared = {mode: timing[name]["mean_s_per_step"]
+              for mode, name in SHARED_TIMING.items() if name in timing}
     runs = {}
     for name in ORDER:
         summary = summarize(name)
-        if summary is None:
+        if summary is None or "eval_strict_smoothed" not in summary:
             continue
-        if "eval_strict_smoothed" in summary:
-            step, seconds = _reach(summary, target["mean"])
-            seed = int(name.rsplit("-s", 1)[1])
-            pstep, pseconds = _reach(summary, target["per_seed"][seed])
-            summary.update({"reach_target_step": step, "reach_target_s": seconds,
-                            "reach_paired_step": pstep, "reach_paired_s": pseconds,
-                            "final_strict_smoothed": float(np.mean(summary["eval_strict"][-3:]))})
+        seed, mode = int(name.rsplit("-s", 1)[1]), _mode(name)
+        step, paired = _reach(summary, target["mean"]), _reach(summary, target["per_seed"][seed])
+        summary.update({
+            "reach_target_step": step, "reach_paired_step": paired,
+            "reach_target_s": _seconds(step, one_core.get(mode)),
+            "reach_paired_s": _seconds(paired, one_core.get(mode)),
+            "reach_target_s_shared_cores": _seconds(step, shared.get(mode)),
+            "reach_paired_s_shared_cores": _seconds(paired, shared.get(mode)),
+            "final_strict_smoothed": float(np.mean(summary["eval_strict"][-3:]))})
         runs[name] = summary
-    out = {"target": target, "runs": runs, "shared_cores": _shared_cores(runs),
-           "equal_time": _equal_time(runs)}
-    (ROOT / "bench" / "results" / "async_pipeline.json").write_text(
-        json.dumps(out) + "\n")
-    plot(runs, target, ROOT / "bench" / "results" / "async_pipeline.png")
+    out = {"target": target, "s_per_step": {"one_core_per_side": one_core,
+                                            "shared_cores": shared},
+           "timing": timing, "runs": runs, "equal_time": _equal_time(runs, one_core)}
+    (ROOT / "bench" / "results" / "async_pipeline.json").write_text(json.dumps(out) + "\n")
+    plot(runs, target, one_core, ROOT / "bench" / "results" / "async_pipeline.png")
+    for s in timing.values():
+        print(json.dumps({k: s.get(k) for k in (
+            "name", "steps_done", "mean_s_per_step", "median_s_per_step",
+            "rollout_busy_fraction", "learner_idle_fraction", "staleness_max",
+            "rescore_s_mean")}))
     for s in runs.values():
         print(json.dumps({k: s.get(k) for k in (
-            "name", "steps_done", "median_s_per_step", "wall_clock_s", "rollout_busy_fraction",
-            "learner_idle_fraction", "staleness_max", "final_strict_smoothed",
-            "reach_target_step", "reach_target_s", "reach_paired_step", "reach_paired_s")}))
+            "name", "steps_done", "final_strict_smoothed", "reach_target_step",
+            "reach_target_s", "reach_paired_step", "reach_paired_s", "staleness_max")}))
     return out
 
 
-def _at_time(summary: dict, seconds: float) -> tuple[int, float]:
-    """The last evaluated step trained within `seconds`, and its smoothed accuracy."""
-    best = (0, summary["eval_strict_smoothed"][0])
-    for step, value, t in zip(summary["eval_steps"], summary["eval_strict_smoothed"],
-                              summary["elapsed_at_eval"]):
-        if t <= seconds:
-            best = (step, value)
-    return best
-
-
-def _equal_time(runs: dict) -> dict:
-    """Per seed: when the async run has finished its steps, how far the sync run of the same
-    seed got in the same training time (step, smoothed accuracy), against the async run's."""
+def _equal_time(runs: dict, per_step: dict) -> dict:
+    """Per seed: in the time the async run takes for all its steps, how far the sync run of
+    the same seed gets (the last evaluated step within that time) and its accuracy there."""
+    if set(per_step) != {"sync", "async1"}:
+        return {}
     out = {}
     for seed in SEEDS:
         fast, slow = runs.get(f"async1-s{seed}"), runs.get(f"sync-s{seed}")
-        if not (fast and slow and "eval_strict_smoothed" in fast
-                and "eval_strict_smoothed" in slow):
+        if not (fast and slow):
             continue
-        budget = fast["wall_clock_s"]
-        step, value = _at_time(slow, budget)
+        budget = fast["eval_steps"][-1] * per_step["async1"]
+        reached = [i for i, step in enumerate(slow["eval_steps"])
+                   if step * per_step["sync"] <= budget]
+        i = reached[-1]
         out[str(seed)] = {"seconds": budget, "async_step": fast["eval_steps"][-1],
                           "async_strict": fast["eval_strict_smoothed"][-1],
-                          "sync_step": step, "sync_strict": value}
+                          "sync_step": slow["eval_steps"][i],
+                          "sync_strict": slow["eval_strict_smoothed"][i]}
     return out
 
 
-def _shared_cores(runs: dict) -> dict | None:
-    """Both sides on both cores (50 steps each, seed 0): `sync2t-s0` and `async2t-s0` against
-    their one-core-per-side runs. A mode's time to the target on shared cores is its shared
-    per-step time times the step at which each of its one-core runs reached the target (the
-    thread count changes float rounding, not the algorithm; the reward rows that stay equal
-    are counted)."""
-    out = {}
-    for mode, shared, alone in (("sync", "sync2t-s0", "sync-s0"),
-                                ("async1", "async2t-s0", "async1-s0")):
-        if shared not in runs or alone not in runs:
-            continue
-        fast, slow = runs[shared], runs[alone]
-        per_step = fast["wall_clock_s"] / fast["steps_done"]
-        n = fast["steps_done"]
-        same = [a == b for a, b in zip(fast["metrics"]["reward/mean"][:n],
-                                       slow["metrics"]["reward/mean"][:n])]
-        entry = {"s_per_step": per_step,
-                 "one_core_s_per_step": slow["wall_clock_s"] / slow["steps_done"],
-                 f"reward_rows_equal_to_{alone}": f"{sum(same)}/{len(same)}"}
-        for seed in SEEDS:
-            run = runs.get(f"{mode}-s{seed}", {})
-            for kind in ("target", "paired"):
-                step = run.get(f"reach_{kind}_step")
-                entry[f"reach_{kind}_s_seed{seed}"] = None if step is None else step * per_step
-        out[mode] = entry
-    return out or None
-
-
-def plot(runs: dict, target: dict, path: Path) -> None:
+def plot(runs: dict, target: dict, per_step: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,19 +299,17 @@ def plot(runs: dict, target: dict, path: Path) -> None:
     colours = {"sync": "tab:blue", "async1": "tab:orange", "async2": "tab:green",
                "async4": "tab:red", "async8": "tab:purple"}
     for name, s in runs.items():
-        if "eval_strict_smoothed" not in s:
-            continue
-        kind = name.rsplit("-s", 1)[0]
-        style = {"color": colours.get(kind, "grey"), "alpha": 0.85, "label": name}
-        n = len(s["elapsed_at_eval"])
-        ax_time.plot(np.array(s["elapsed_at_eval"]) / 60, s["eval_strict_smoothed"][:n],
-                     **style)
+        mode = _mode(name)
+        style = {"color": colours.get(mode, "grey"), "alpha": 0.85, "label": name}
+        if mode in per_step:
+            ax_time.plot(np.array(s["eval_steps"]) * per_step[mode] / 60,
+                         s["eval_strict_smoothed"], **style)
         ax_step.plot(s["eval_steps"], s["eval_strict_smoothed"], **style)
     for ax in (ax_time, ax_step):
         ax.axhline(target["mean"], color="black", linestyle="--", linewidth=1,
                    label="on-policy GRPO final (3 seeds)")
         ax.set_ylabel("eval strict accuracy (trailing mean of 3)")
-    ax_time.set_xlabel("training wall-clock (min)")
+    ax_time.set_xlabel("training wall-clock (min): step x seconds per step of the mode")
     ax_step.set_xlabel("step")
     ax_step.legend(fontsize=7, ncol=2)
     fig.suptitle("shapes task: synchronous vs asynchronous OP-GRPO (one core per side)")
@@ -314,11 +320,11 @@ def plot(runs: dict, target: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=["run", "evaluate", "report"])
+    parser.add_argument("action", choices=["run", "timing", "evaluate", "report"])
     parser.add_argument("--only", nargs="+", choices=list(RUNS_DEFINED))
     parser.add_argument("--threads", type=int, default=2, help="torch threads of `evaluate`")
     args = parser.parse_args()
-    names = args.only or ORDER
+    names = args.only or (list(TIMING) if args.action == "timing" else ORDER)
     # SIGTERM stops the runner through its `finally`s: the current run is stopped too and
     # resumes from its last checkpoint next time (background jobs ignore SIGINT)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -328,6 +334,13 @@ def main() -> None:
             if name not in TIMING_ONLY:
                 evaluate_run(name, args.threads)
             report()
+    elif args.action == "timing":
+        for name in names:
+            run_dir = RUNS / name
+            if len(_rows(run_dir / "metrics.jsonl")) < TIMING_STEPS and run_dir.exists():
+                shutil.rmtree(run_dir)  # a timing run is not resumed: it starts again
+            run_one(name)
+        report()
     elif args.action == "evaluate":
         for name in names:
             if name not in TIMING_ONLY:
