@@ -41,14 +41,10 @@ class LearnerGroup:
         # rollout and reward actors. `wait_ready` collects the outcome.
         addr, port = self.workers[0].address.options(num_returns=2).remote()
         self._setup = [w.setup.remote(addr, port) for w in self.workers]
-        self.num_parameters: int | None = None
 
-    def wait_ready(self) -> int:
-        """Wait for every rank's engine (a rank's setup error is raised here); returns the
-        number of parameters."""
-        if self.num_parameters is None:
-            self.num_parameters = ray.get(self._setup)[0]
-        return self.num_parameters
+    def wait_ready(self) -> None:
+        """Wait for every rank's engine (a rank's setup error is raised here)."""
+        ray.get(self._setup)
 
     def train_async(self, chunks: list, shards: list[list[dict]], iteration: int) -> list:
         """One rank a shard; `chunks` are rollout refs (each rank fetches what it needs)."""

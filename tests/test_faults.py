@@ -162,6 +162,17 @@ class Saboteur(threading.Thread):
             self.error = exc
 
 
+def _run_sabotaged(trainer: Trainer, plan: list[tuple[int, str]]) -> Saboteur:
+    """`trainer.run()` while a Saboteur carries out `plan`; returns it, every kill done."""
+    saboteur = Saboteur(trainer, plan)
+    saboteur.start()
+    trainer.run()
+    saboteur.join(timeout=60)
+    assert saboteur.error is None, saboteur.error
+    assert len(saboteur.killed) == sum(len(t.split("+")) for _, t in plan), saboteur.killed
+    return saboteur
+
+
 def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
     """SIGKILL the control actor and then a rollout actor mid-rollout (step 2), the reward
     actor with scoring pending (step 3) and the buffer actor (step 4): Ray restarts each and
@@ -169,12 +180,9 @@ def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
     actor empty, so it refuses to draw from old weights; the driver pushes the current ones
     and draws the step again. The run's numbers are the reference's."""
     trainer = Trainer(build_config(_data(tmp_path, "killed")), tmp_path / "killed")
-    saboteur = Saboteur(trainer, [(1, "control+rollout0"), (2, "reward0"), (3, "buffer")])
-    saboteur.start()
     try:
-        trainer.run()
-        saboteur.join(timeout=60)
-        assert saboteur.error is None, saboteur.error
+        saboteur = _run_sabotaged(trainer, [(1, "control+rollout0"), (2, "reward0"),
+                                            (3, "buffer")])
         assert [k["target"] for k in saboteur.killed] == [
             "control", "rollout0", "reward0", "buffer"], saboteur.killed
         rows_at = [k["rows"] for k in saboteur.killed]  # each during the next step
@@ -201,13 +209,8 @@ def test_an_actor_gone_for_good_is_replaced_and_the_rollout_redrawn(reference, t
     config = build_config(_data(tmp_path, "replaced", run={"name": "replaced",
                                                           "max_actor_restarts": 0}))
     trainer = Trainer(config, tmp_path / "replaced")
-    saboteur = Saboteur(trainer, [(1, "rollout1")])
-    saboteur.start()
     try:
-        trainer.run()
-        saboteur.join(timeout=60)
-        assert saboteur.error is None, saboteur.error
-        assert len(saboteur.killed) == 1
+        _run_sabotaged(trainer, [(1, "rollout1")])
         assert ray.get(trainer.rollout.workers[1].ready.remote()) == trainer.version
     finally:
         trainer.shutdown()
@@ -266,13 +269,8 @@ def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
     config = build_config(_data(tmp_path, "async1", train={"mode": "async",
                                                            "max_staleness": 1}))
     trainer = Trainer(config, tmp_path / "async1")
-    saboteur = Saboteur(trainer, [(1, "rollout0")])
-    saboteur.start()
     try:
-        trainer.run()
-        saboteur.join(timeout=60)
-        assert saboteur.error is None, saboteur.error
-        assert len(saboteur.killed) == 1
+        saboteur = _run_sabotaged(trainer, [(1, "rollout0")])
         now = ray.get(trainer.rollout.workers[0].identity.remote())["pid"]
         assert now != saboteur.killed[0]["pid"]  # Ray restarted it
         learner, held = _learner_and_rollout_weights(trainer)
