@@ -95,7 +95,8 @@ class SleepRollout:
 class SleepReward:
     """RewardWorker's interface; sleeps `reward_s_per_image` per image, random 0/1 rewards."""
 
-    def __init__(self, functions: dict[str, float]) -> None:
+    def __init__(self, functions: dict[str, float], options: dict | None = None,
+                 device: str = "auto", num_gpus: float = 0.0) -> None:
         self.bench = json.loads(os.environ["OPGRPO_BENCH"])
         self.calls = 0
 
