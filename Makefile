@@ -45,9 +45,10 @@ bench-sample-efficiency: install
 	$(PY) bench/sample_efficiency.py run
 
 # sync vs async (issue 9): 10 runs, then their checkpoints are evaluated (hours, resumable)
+# timing runs alone first (50 steps per mode), then the accuracy runs (train + evaluate each)
 bench-async: install
+	$(PY) bench/async_pipeline.py timing
 	$(PY) bench/async_pipeline.py run
-	$(PY) bench/async_pipeline.py evaluate
 	$(PY) bench/async_pipeline.py report
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
