@@ -78,7 +78,9 @@ def head_node(extra_env: dict[str, str] | None = None, *args: str) -> Iterator[d
 def rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()  # the run may be writing a row: it is complete with its newline
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
+            if line.strip()]
 
 
 def job_status(cluster, job_id: str) -> str:

@@ -80,3 +80,20 @@ def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "stopped before its first checkpoint" in err and "run.name" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_row_torn_by_a_killed_driver_is_dropped_on_resume(tmp_path):
+    """A driver SIGKILLed while it wrote a metrics row leaves a torn last line. Resuming
+    rolls the metrics back to the checkpoint's step (that row's step is run again) and reads
+    the clock of the last complete row, instead of failing on the torn JSON."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "time/elapsed": 10.0 * s} for s in (1, 2, 3)]
+    torn = json.dumps({"step": 4, "time/elapsed": 40.0})[:15]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
+    (run / "eval.jsonl").write_text(json.dumps({"step": 2, "strict": 0.5}) + "\n" + torn)
+    trainer = Trainer(build_config(_data(tmp_path)), run, resume=True)
+    assert trainer._last_elapsed() == 30.0
+    trainer._truncate_metrics(2)
+    assert (run / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    assert (run / "eval.jsonl").read_text() == json.dumps({"step": 2, "strict": 0.5}) + "\n"
