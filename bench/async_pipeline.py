@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from train_runner import train_or_resume
+from train_runner import read_rows, train_or_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "runs" / "async_pipeline"
@@ -99,21 +99,15 @@ KEPT = ("reward/mean", "reward/dataset_prompts_mean", "loss/approx_kl", "loss/kl
         "time/learner_compute", "time/learner_rescore", "time/weight_sync", "actors/rollout")
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_one(name: str) -> None:
     """Train `name` (or resume it) and keep its metric series in the results."""
     overrides, steps = RUNS_DEFINED[name]
     run_dir = RUNS / name
-    if len(_rows(run_dir / "metrics.jsonl")) < steps:
+    if len(read_rows(run_dir / "metrics.jsonl")) < steps:
         full = [*COMMON, *overrides, f"run.name={name}",
                 f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}"]
         train_or_resume(ROOT, run_dir, CONFIG, full)
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}_metrics.json").write_text(
         json.dumps({k: [r.get(k) for r in rows] for k in KEPT}) + "\n")
@@ -337,7 +331,7 @@ def main() -> None:
     elif args.action == "timing":
         for name in names:
             run_dir = RUNS / name
-            if len(_rows(run_dir / "metrics.jsonl")) < TIMING_STEPS and run_dir.exists():
+            if len(read_rows(run_dir / "metrics.jsonl")) < TIMING_STEPS and run_dir.exists():
                 shutil.rmtree(run_dir)  # a timing run is not resumed: it starts again
             run_one(name)
         report()

