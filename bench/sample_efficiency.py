@@ -41,7 +41,10 @@ SEEDS = (0, 1, 2)
 # fine-tuning at 1e-5 stayed stable (KL 8e-5, training reward still rising at step 300).
 LORA = ["model.lora_rank=8", "model.lora_alpha=16", "learner.learning_rate=3e-4"]
 FULL_FT = ["model.lora_rank=0", "learner.learning_rate=3e-5"]  # the config's own setting
-COMMON: list[str] = ["train.checkpoint_every=25", "learner.learning_rate=1e-5"]
+# Section 1 ran in the synchronous mode with the config's 2 torch threads per phase: pinned, so
+# that a later change of the defaults does not change what these runs measure.
+COMMON: list[str] = ["train.checkpoint_every=25", "learner.learning_rate=1e-5",
+                     "train.mode=sync"]
 
 # name -> overrides. OP-GRPO = the config's defaults (rho 0.125, sequence correction, K=7 of 10).
 RUNS_DEFINED: dict[str, list[str]] = {}
@@ -98,8 +101,10 @@ def _finished(name: str) -> bool:
 
 def run_one(name: str, steps: int, eval_every: int, torch_threads: int | None = None) -> None:
     run_dir = RUNS / name
-    threads = [f"run.torch_threads={torch_threads}"] if torch_threads else []
-    overrides = [*COMMON, *RUNS_DEFINED[name], *threads, f"run.name={name}",
+    own = RUNS_DEFINED[name]
+    threads = ([] if any(o.startswith("run.torch_threads=") for o in own)
+               else [f"run.torch_threads={torch_threads or 2}"])
+    overrides = [*COMMON, *own, *threads, f"run.name={name}",
                  f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={steps}",
                  f"train.eval_every={eval_every}"]
     train_or_resume(ROOT, run_dir, CONFIG, overrides)
@@ -221,7 +226,7 @@ def _train_seconds(result: dict, steps: int) -> float:
 
 def _timed(result: dict) -> bool:
     """Whether the run had the machine to itself (its seconds are a fair wall-clock)."""
-    return not any(o.startswith("run.torch_threads=") for o in result["overrides"])
+    return "run.torch_threads=1" not in result["overrides"]
 
 
 def _first_reach(curve: np.ndarray, target: float, steps: np.ndarray) -> int | None:
@@ -296,8 +301,8 @@ def report() -> dict:
             out["step_ratio_train_reward"] = _ratio(reach_train, total)
             # wall-clock: OP-GRPO's training seconds until it reached GRPO's final accuracy,
             # against GRPO's training seconds for the whole budget (evaluations excluded).
-            # Only runs timed alone on the machine count (a run with a run.torch_threads
-            # override shared the cores with another run).
+            # Only runs timed alone on the machine count (a run with run.torch_threads=1
+            # shared the cores with another run).
             out["wall_clock_runs"] = [r["name"] for r in (*grpo, *opg) if _timed(r)]
             out["opgrpo_seconds_to_grpo_final"] = [
                 None if n is None else _train_seconds(r, n)

@@ -62,7 +62,7 @@ def main() -> None:
     config = load_config(ROOT / "configs" / "shapes_tiny.yaml", [
         f"run.output_dir={tmp}", "run.name=soak", f"train.num_steps={args.steps}",
         f"buffer.capacity={args.capacity}", "buffer.off_policy_fraction=0.25",
-        "train.checkpoint_every=25", "train.eval_prompts_file=null",
+        "train.checkpoint_every=25", "train.eval_prompts_file=null", "train.mode=sync",
         *([f"run.torch_threads={args.torch_threads}"] if args.torch_threads else [])])
     trainer = Trainer(config, Path(tmp) / "soak")
     ray.init(address="local", include_dashboard=False, log_to_driver=False,

@@ -180,6 +180,7 @@ def measure(n_actors: int, args, bench: dict) -> dict:
         f"reward.num_actors={n_reward}", "reward.functions={shapes: 1.0}",
         f"learner.micro_batch_size={prompts * group}", "train.eval_prompts_file=null",
         f"buffer.off_policy_fraction={args.rho}", f"run.name=system-{n_actors}",
+        "train.mode=sync",  # the synchronous iteration's overhead (section 2)
     ]
     config = load_config(str(ROOT / "configs" / "shapes_tiny.yaml"), overrides)
     config = config.model_copy(update={"model": config.model.model_copy(
