@@ -40,8 +40,6 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a JSON-lines file (metrics, evaluations); [] if it does not exist. A run
     killed while it wrote a row leaves a torn last line, which is left out (the run writes
     that step again when it resumes)."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
-            if line.strip()]
+    from opgrpo.metrics import complete_lines
+
+    return [json.loads(line) for line in complete_lines(path)] if path.is_file() else []

@@ -39,3 +39,12 @@ POLICY_STALENESS_MEAN = "policy/staleness_mean"
 POLICY_STALENESS_MAX = "policy/staleness_max"
 # share of a learner rank's samples drawn by an older version: re-scored under pi_old
 POLICY_RESCORED_FRACTION = "policy/rescored_fraction"
+
+
+def complete_lines(path) -> list[str]:
+    """The non-empty lines of a JSON-lines file (metrics, evaluations) up to its last
+    newline. A process killed while it wrote a row (SIGKILL, a lost machine) leaves a torn
+    last line, which is left out: that row's step is run again on resume."""
+    with open(path) as file:
+        text = file.read()
+    return [line for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]

@@ -211,7 +211,7 @@ class Trainer:
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.is_file():
-                rows = [line for line in _complete_lines(path)
+                rows = [line for line in M.complete_lines(path)
                         if json.loads(line)["step"] <= last_step]
                 path.write_text("".join(r + "\n" for r in rows))
 
@@ -293,7 +293,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return 0.0
-        rows = [json.loads(line) for line in _complete_lines(path)]
+        rows = [json.loads(line) for line in M.complete_lines(path)]
         return float(rows[-1].get("time/elapsed", 0.0)) if rows else 0.0
 
     def _stop_for_redis(self, exc: Exception, last_done: int) -> None:
@@ -470,14 +470,6 @@ class Trainer:
                 ray.get(self.buffer.shutdown.remote(), timeout=30)
             except Exception as exc:  # noqa: BLE001 - a dead buffer actor has nothing to stop
                 log.warning("buffer actor shutdown: %s", type(exc).__name__)
-
-
-def _complete_lines(path: Path) -> list[str]:
-    """The non-empty lines of a JSON-lines file up to its last newline. A process killed
-    while it wrote a row (SIGKILL, a lost machine) leaves a torn last line: that row's step
-    is run again on resume, so the torn part is dropped."""
-    text = path.read_text()
-    return [line for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None,

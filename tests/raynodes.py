@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from opgrpo.metrics import complete_lines
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -78,9 +80,8 @@ def head_node(extra_env: dict[str, str] | None = None, *args: str) -> Iterator[d
 def rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    text = path.read_text()  # the run may be writing a row: it is complete with its newline
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
-            if line.strip()]
+    # the run may be writing a row: only complete ones
+    return [json.loads(line) for line in complete_lines(path)]
 
 
 def job_status(cluster, job_id: str) -> str:

@@ -72,9 +72,8 @@ def _data(tmp_path, name, **sections):
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    text = path.read_text()  # the run may be writing a row: it is complete with its newline
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
-            if line.strip()]
+    # the run may be writing a row: only complete ones
+    return [json.loads(line) for line in M.complete_lines(path)]
 
 
 def _same(value, expected, close: bool = False) -> bool:
