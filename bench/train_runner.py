@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from opgrpo.metrics import read_rows  # noqa: F401 - the benchmarks' reader
 
 
 def train_or_resume(root: Path, run_dir: Path, config: str, overrides: list[str]) -> None:
@@ -35,11 +36,3 @@ def train_or_resume(root: Path, run_dir: Path, config: str, overrides: list[str]
     if code:
         raise subprocess.CalledProcessError(code, command)
 
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file (metrics, evaluations); [] if it does not exist. A run
-    killed while it wrote a row leaves a torn last line, which is left out (the run writes
-    that step again when it resumes)."""
-    from opgrpo.metrics import complete_lines
-
-    return [json.loads(line) for line in complete_lines(path)] if path.is_file() else []

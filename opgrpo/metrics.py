@@ -41,10 +41,16 @@ POLICY_STALENESS_MAX = "policy/staleness_max"
 POLICY_RESCORED_FRACTION = "policy/rescored_fraction"
 
 
-def complete_lines(path) -> list[str]:
-    """The non-empty lines of a JSON-lines file (metrics, evaluations) up to its last
-    newline. A process killed while it wrote a row (SIGKILL, a lost machine) leaves a torn
-    last line, which is left out: that row's step is run again on resume."""
+def read_rows(path) -> list[dict]:
+    """The rows of a JSON-lines file (metrics, evaluations); [] if it does not exist. A
+    process killed while it wrote a row (SIGKILL, a lost machine) leaves a torn last line,
+    which is left out: that row's step is run again on resume."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        return []
     with open(path) as file:
         text = file.read()
-    return [line for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
+            if line.strip()]

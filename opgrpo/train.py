@@ -211,9 +211,8 @@ class Trainer:
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.is_file():
-                rows = [line for line in M.complete_lines(path)
-                        if json.loads(line)["step"] <= last_step]
-                path.write_text("".join(r + "\n" for r in rows))
+                rows = [r for r in M.read_rows(path) if r["step"] <= last_step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
@@ -291,9 +290,7 @@ class Trainer:
     def _last_elapsed(self) -> float:
         """`time/elapsed` of the last logged step (0 for a new run)."""
         path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return 0.0
-        rows = [json.loads(line) for line in M.complete_lines(path)]
+        rows = M.read_rows(path)
         return float(rows[-1].get("time/elapsed", 0.0)) if rows else 0.0
 
     def _stop_for_redis(self, exc: Exception, last_done: int) -> None:

@@ -69,12 +69,6 @@ def _data(tmp_path, name, **sections):
     return data
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    # the run may be writing a row: only complete ones
-    return [json.loads(line) for line in M.complete_lines(path)]
-
 
 def _same(value, expected, close: bool = False) -> bool:
     if isinstance(expected, float) and math.isnan(expected):
@@ -115,7 +109,7 @@ def reference(ray_session, tmp_path_factory):
         content = _buffer_content(trainer, STEPS)
     finally:
         trainer.shutdown()
-    return {"rows": _rows(tmp / "reference" / "metrics.jsonl"), "buffer": content}
+    return {"rows": M.read_rows(tmp / "reference" / "metrics.jsonl"), "buffer": content}
 
 
 def _busy(pid: int, window_s: float = 0.05) -> bool:
@@ -154,9 +148,9 @@ class Saboteur(threading.Thread):
             for after_rows, targets in self.plan:  # "a+b": kill a, then b at once
                 victims = {t: self._target_pid(t) for t in targets.split("+")}
                 watched = victims.get("rollout0") or self._target_pid("rollout0")
-                while len(_rows(self.metrics)) < after_rows or not _busy(watched):
+                while len(M.read_rows(self.metrics)) < after_rows or not _busy(watched):
                     assert time.monotonic() < deadline, f"no chance to kill {targets}"
-                rows = len(_rows(self.metrics))
+                rows = len(M.read_rows(self.metrics))
                 for target, victim in victims.items():
                     os.kill(victim, signal.SIGKILL)
                     self.killed.append({"target": target, "pid": victim, "rows": rows})
@@ -200,7 +194,7 @@ def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
         content = _buffer_content(trainer, STEPS)
     finally:
         trainer.shutdown()
-    rows = _rows(tmp_path / "killed" / "metrics.jsonl")
+    rows = M.read_rows(tmp_path / "killed" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
     assert content == reference["buffer"]  # the buffer lives in Redis: nothing was lost
@@ -217,7 +211,7 @@ def test_an_actor_gone_for_good_is_replaced_and_the_rollout_redrawn(reference, t
         assert ray.get(trainer.rollout.workers[1].ready.remote()) == trainer.version
     finally:
         trainer.shutdown()
-    rows = _rows(tmp_path / "replaced" / "metrics.jsonl")
+    rows = M.read_rows(tmp_path / "replaced" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
 
@@ -254,7 +248,7 @@ def test_async_with_staleness_0_is_the_synchronous_run(reference, tmp_path):
         trainer.run()
     finally:
         trainer.shutdown()
-    rows = _rows(tmp_path / "async0" / "metrics.jsonl")
+    rows = M.read_rows(tmp_path / "async0" / "metrics.jsonl")
     assert any(r[M.BUFFER_REPLAYED_FRACTION] > 0 for r in rows)  # every path compared
     _assert_same_numbers(rows, reference["rows"])
     assert all(r[M.POLICY_STALENESS_MAX] == 0 and r[M.POLICY_RESCORED_FRACTION] == 0
@@ -279,7 +273,7 @@ def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
         learner, held = _learner_and_rollout_weights(trainer)
     finally:
         trainer.shutdown()
-    rows = _rows(tmp_path / "async1" / "metrics.jsonl")
+    rows = M.read_rows(tmp_path / "async1" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["version"] for r in rows] == list(range(1, STEPS + 1))
     _assert_same_numbers(rows[:1], reference["rows"][:1])
@@ -327,7 +321,7 @@ def test_redis_down_too_long_stops_with_a_checkpoint_and_resume_continues(refere
         metrics = tmp_path / "down" / "metrics.jsonl"
 
         def stop_redis():
-            while len(_rows(metrics)) < 2:
+            while len(M.read_rows(metrics)) < 2:
                 time.sleep(0.05)
             server.stop()
 
@@ -341,7 +335,7 @@ def test_redis_down_too_long_stops_with_a_checkpoint_and_resume_continues(refere
         stopper.join(timeout=10)
         assert server.password not in str(err.value)
         latest = json.loads((tmp_path / "down" / "checkpoints" / "latest.json").read_text())
-        rows = _rows(metrics)
+        rows = M.read_rows(metrics)
         assert [r["step"] for r in rows] == list(range(1, latest["step"] + 1))
         assert 2 <= latest["step"] < STEPS
         _assert_rows_match(rows, reference["rows"], steps=[1, 2])
@@ -351,7 +345,7 @@ def test_redis_down_too_long_stops_with_a_checkpoint_and_resume_continues(refere
             resumed.run()
         finally:
             resumed.shutdown()
-    rows = _rows(metrics)
+    rows = M.read_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r[M.LOSS_POLICY]) for r in rows)
 
@@ -371,7 +365,7 @@ def _start_driver(tmp_path, name, **sections):
 
 def _wait_rows(driver, metrics: Path, n: int) -> None:
     deadline = time.monotonic() + 600
-    while len(_rows(metrics)) < n:
+    while len(M.read_rows(metrics)) < n:
         assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -392,13 +386,13 @@ def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
     finally:  # what the driver started (a local Ray) goes with it, as with a lost machine
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-    killed_at = len(_rows(metrics))
+    killed_at = len(M.read_rows(metrics))
     assert killed_at < STEPS
     resumed = subprocess.run([sys.executable, "-m", "opgrpo", "train", "--resume",
                               str(tmp_path / "driver")], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = _rows(metrics)
+    rows = M.read_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
 
