@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--capacity", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=50, help="growth is measured after this")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch threads per process (default: the config's choice)")
+    parser.add_argument("--torch-threads", type=int, default=2,
+                        help="torch threads per process (2: what the soak in BENCHMARKS.md ran "
+                        "with, the synchronous phases taking both cores in turn)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -63,7 +64,7 @@ def main() -> None:
         f"run.output_dir={tmp}", "run.name=soak", f"train.num_steps={args.steps}",
         f"buffer.capacity={args.capacity}", "buffer.off_policy_fraction=0.25",
         "train.checkpoint_every=25", "train.eval_prompts_file=null", "train.mode=sync",
-        *([f"run.torch_threads={args.torch_threads}"] if args.torch_threads else [])])
+        f"run.torch_threads={args.torch_threads}"])
     trainer = Trainer(config, Path(tmp) / "soak")
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              namespace="opgrpo")

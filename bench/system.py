@@ -181,6 +181,7 @@ def measure(n_actors: int, args, bench: dict) -> dict:
         f"learner.micro_batch_size={prompts * group}", "train.eval_prompts_file=null",
         f"buffer.off_policy_fraction={args.rho}", f"run.name=system-{n_actors}",
         "train.mode=sync",  # the synchronous iteration's overhead (section 2)
+        "run.torch_threads=2",  # as section 2 ran (the config's setting then)
     ]
     config = load_config(str(ROOT / "configs" / "shapes_tiny.yaml"), overrides)
     config = config.model_copy(update={"model": config.model.model_copy(

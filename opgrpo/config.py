@@ -212,9 +212,10 @@ class LearnerConfig(_Section):
 class TrainConfig(_Section):
     num_steps: int = Field(300, ge=1, description="Training iterations.")
     mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: rollout waits for the learner and the learner for rollout. "
-        "async: the rollout of the next batches runs while the learner trains (see "
-        "max_staleness).")
+        "async", description="async: the rollout of the next batches runs while the learner "
+        "trains (see max_staleness); the faster mode when rollout and learner have their own "
+        "devices. sync: rollout waits for the learner and the learner for rollout; use it "
+        "when they share devices (BENCHMARKS.md section 7).")
     max_staleness: int = Field(
         1, ge=0, description="Async mode: weight versions a fresh sample may lag behind the "
         "learner when it is trained. Batch k is launched as soon as version k-1-s exists, so "
@@ -297,6 +298,17 @@ class Config(_Section):
     def staleness(self) -> int:
         """Batches drawn ahead of the learner: max_staleness in async mode, else 0."""
         return self.train.max_staleness if self.train.mode == "async" else 0
+
+    def shared_gpu_warning(self) -> str | None:
+        """Async mode overlaps rollout and training only where each has its own device; a
+        rollout actor and a learner rank packed onto one GPU compete for it instead."""
+        rollout, learner = self.rollout.num_gpus, self.learner.num_gpus
+        if self.staleness and 0 < rollout < 1 and 0 < learner < 1 and rollout + learner <= 1:
+            return (f"train.mode is async, but rollout.num_gpus ({rollout}) and "
+                    f"learner.num_gpus ({learner}) let Ray put a rollout actor and a learner "
+                    "rank on one GPU, where they compete instead of overlapping: set "
+                    "train.mode=sync for this layout (BENCHMARKS.md, section 7)")
+        return None
 
     @property
     def truncate_step(self) -> int:

@@ -126,6 +126,8 @@ class Trainer:
         if url:  # unreachable, or a wrong password: say so before anything starts
             connect_redis(url, None)[0].close()
         self.config = _absolute(config)
+        if warning := config.shared_gpu_warning():
+            log.warning(warning)
 
     # ----- setup ---------------------------------------------------------------------------
     def start_actors(self) -> None:

@@ -17,6 +17,22 @@ def test_defaults_are_valid_and_derive_truncation():
     assert config.num_train_steps_per_trajectory == 9  # ceil(0.9 * 10)
 
 
+def test_async_is_the_default_and_a_shared_gpu_layout_is_named():
+    config = build_config({})
+    assert config.train.mode == "async" and config.staleness == 1
+    assert config.shared_gpu_warning() is None  # CPU actors
+    shared = build_config({"rollout": {"num_gpus": 0.5}, "learner": {"num_gpus": 0.5}})
+    warning = shared.shared_gpu_warning()
+    assert "rollout.num_gpus (0.5)" in warning and "learner.num_gpus (0.5)" in warning
+    assert "train.mode=sync" in warning
+    assert build_config({"rollout": {"num_gpus": 0.5}, "learner": {"num_gpus": 0.5}},
+                        ["train.mode=sync"]).shared_gpu_warning() is None
+    assert build_config({"rollout": {"num_gpus": 1}, "learner": {"num_gpus": 1}}
+                        ).shared_gpu_warning() is None  # a GPU each
+    assert build_config({"rollout": {"num_gpus": 0.9}, "learner": {"num_gpus": 0.9}}
+                        ).shared_gpu_warning() is None  # cannot share one GPU
+
+
 def test_unknown_key_names_its_dotted_path():
     with pytest.raises(ConfigError) as err:
         build_config({"learner": {"clip_rnage": 0.1}})

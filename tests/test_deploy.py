@@ -145,6 +145,8 @@ def test_rayjob_placement_matches_entrypoint():
     config = load_config(REPO / args.config, args.set)  # the shipped config + the overrides
     assert config.run.output_dir == "/runs"
     assert config.rollout.num_gpus == 1 and config.learner.num_gpus == 1
+    # separate GPU groups: rollout and learner overlap (the shipped config shares GPUs: sync)
+    assert config.train.mode == "async" and config.shared_gpu_warning() is None
     learner_gpus = int(groups["learner"]["rayStartParams"]["num-gpus"])
     assert learner_gpus * groups["learner"]["replicas"] >= config.learner.num_ranks
 
