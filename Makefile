@@ -44,8 +44,8 @@ bench: install
 bench-sample-efficiency: install
 	$(PY) bench/sample_efficiency.py run
 
-# sync vs async (issue 9): 10 runs, then their checkpoints are evaluated (hours, resumable)
-# timing runs alone first (50 steps per mode), then the accuracy runs (train + evaluate each)
+# sync vs async (BENCHMARKS.md section 7; hours, resumable): the 5 timing runs alone first
+# (50 steps each), then the 9 accuracy runs (each trained, then its checkpoints evaluated)
 bench-async: install
 	$(PY) bench/async_pipeline.py timing
 	$(PY) bench/async_pipeline.py run

@@ -5,8 +5,8 @@ recipe (learning rate 1e-5, checkpoints every 25 steps). The wall-clock to a tar
 is measured in two parts, so that no number depends on what else the machine was doing, or
 on which day (this box's speed changed by 1.6x between two sessions):
 
-* **Accuracy runs** (300 steps, 3 seeds per mode, plus the staleness sweep) give accuracy
-  against the step. They do not evaluate while they train; `evaluate` scores their
+* **Accuracy runs** (300 steps, 3 seeds per mode, plus the staleness sweep s = 2, 4, 8 of
+  150 steps on seed 0) give accuracy against the step. They do not evaluate while they train; `evaluate` scores their
   checkpoints afterwards with the in-run protocol (127 test prompts, 4 ODE images of 40
   steps each, the run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations
   exactly). A run's numbers do not depend on timing (the async schedule depends on the
