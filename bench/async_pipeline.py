@@ -6,11 +6,12 @@ is measured in two parts, so that no number depends on what else the machine was
 on which day (this box's speed changed by 1.6x between two sessions):
 
 * **Accuracy runs** (300 steps, 3 seeds per mode, plus the staleness sweep s = 2, 4, 8 of
-  150 steps on seed 0) give accuracy against the step. They do not evaluate while they train; `evaluate` scores their
-  checkpoints afterwards with the in-run protocol (127 test prompts, 4 ODE images of 40
-  steps each, the run's fixed seeds; `bench/eval_drift.py` reproduces in-run evaluations
-  exactly). A run's numbers do not depend on timing (the async schedule depends on the
-  config only, and every side runs one torch thread), so accuracy runs may share the machine.
+  150 steps on seed 0) give accuracy against the step. They do not evaluate while they
+  train; `evaluate` scores their checkpoints afterwards with the in-run protocol (127 test
+  prompts, 4 ODE images of 40 steps each, the run's fixed seeds; `bench/eval_drift.py`
+  reproduces in-run evaluations exactly). A run's numbers do not depend on timing (the async
+  schedule depends on the config only, and every side runs one torch thread), so accuracy
+  runs may share the machine.
 * **Timing runs** (50 steps each, seed 0) give the seconds per step of each mode and the
   busy and idle fractions. `timing` runs them back to back, alone on the machine.
 
@@ -326,20 +327,17 @@ def plot(runs: dict, seed_mean: dict, target: dict, per_step: dict, path: Path) 
     fig, (ax_time, ax_step) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {"sync": "tab:blue", "async1": "tab:orange", "async2": "tab:green",
                "async4": "tab:red", "async8": "tab:purple"}
+    def draw(s: dict, mode: str, **style) -> None:
+        if mode in per_step:  # the time axis only for the modes that have a timing run
+            ax_time.plot(np.array(s["eval_steps"]) * per_step[mode] / 60,
+                         s["eval_strict_smoothed"], **style)
+        ax_step.plot(s["eval_steps"], s["eval_strict_smoothed"], **style)
+
     for name, s in runs.items():
-        mode = _mode(name)
-        style = {"color": colours.get(mode, "grey"), "alpha": 0.5, "linewidth": 1,
-                 "label": name}
-        if mode in per_step:
-            ax_time.plot(np.array(s["eval_steps"]) * per_step[mode] / 60,
-                         s["eval_strict_smoothed"], **style)
-        ax_step.plot(s["eval_steps"], s["eval_strict_smoothed"], **style)
+        draw(s, _mode(name), color=colours.get(_mode(name), "grey"), alpha=0.5, linewidth=1,
+             label=name)
     for mode, s in seed_mean.items():
-        style = {"color": colours[mode], "linewidth": 3, "label": f"{mode}: mean of 3 seeds"}
-        if mode in per_step:
-            ax_time.plot(np.array(s["eval_steps"]) * per_step[mode] / 60,
-                         s["eval_strict_smoothed"], **style)
-        ax_step.plot(s["eval_steps"], s["eval_strict_smoothed"], **style)
+        draw(s, mode, color=colours[mode], linewidth=3, label=f"{mode}: mean of 3 seeds")
     for ax in (ax_time, ax_step):
         ax.axhline(target["mean"], color="black", linestyle="--", linewidth=1,
                    label="on-policy GRPO final (3 seeds)")
