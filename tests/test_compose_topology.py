@@ -29,7 +29,10 @@ from raynodes import (
 from buffer_service.local_server import LocalRedis
 
 pytestmark = pytest.mark.slow
-STEPS = 12
+# Enough steps that the run is still going when its rollout actors have moved to the other
+# node (about 10-20 s after the node stops): a step of this small config takes about 0.5 s
+# here with one torch thread per actor.
+STEPS = 120
 PASSWORD = "topology-test-password"
 
 
