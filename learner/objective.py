@@ -8,7 +8,6 @@ before the next step runs, and peak memory is one transformer forward per micro-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,8 +39,13 @@ class LossSettings:
 
 
 def trained_steps(num_steps: int, timestep_fraction: float) -> list[int]:
-    """Grid indices of the trained transitions: the first ceil(fraction * T)."""
-    return list(range(math.ceil(timestep_fraction * num_steps)))
+    """Grid indices of the trained transitions: the first int(fraction * T), at least one.
+
+    Flow-GRPO's rule (`int`, not `ceil`): a fraction of 0.99 of 10 steps trains 9 and leaves
+    out the last, most ill-conditioned transition. The 1e-9 only absorbs float error
+    (0.3 * 10 = 3.0000000000000004, 0.7 * 10 = 7.000000000000001).
+    """
+    return list(range(max(1, int(timestep_fraction * num_steps + 1e-9))))
 
 
 def rescore_stale(

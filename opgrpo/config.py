@@ -54,15 +54,26 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0, description="LoRA rank on attention projections; 0 = full.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = lora_rank.")
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names of the transformer that receive LoRA adapters.",
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0",
+                                 "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+        description="Module names of the transformer that receive LoRA adapters (default: "
+        "Flow-GRPO's, the image and the text stream of every attention block; names a "
+        "family lacks are skipped).",
     )
     height: int = Field(512, ge=8, description="Image height in pixels.")
     width: int = Field(512, ge=8, description="Image width in pixels.")
     max_sequence_length: int | None = Field(
         None, ge=1, description="T5 tokens per prompt; unset = the model directory's setting "
-        "or the family's default (SD3 77, FLUX 512, Wan 226)."
+        "or the family's default (SD3 128 as Flow-GRPO, FLUX 512, Wan 226)."
     )
+    offload_text_encoders: bool = Field(
+        False, description="Keep the frozen text encoders in host memory and move them to "
+        "the GPU only to encode prompts the embedding cache lacks (saves T5-XXL's ~9 GiB "
+        "per rollout actor and learner rank, costs a host-to-GPU copy per cache miss).")
+    prompt_cache_size: int = Field(
+        1024, ge=0, description="Prompt embeddings kept per process (least recently used "
+        "evicted; held in host memory in the model dtype, moved to the device per batch); "
+        "0 = encode every batch.")
     num_frames: int = Field(
         1, ge=1, description="Frames per video sample (Wan2.1: 4k+1, e.g. 81); 1 for image "
         "models.")
@@ -185,7 +196,12 @@ class LearnerConfig(_Section):
         "all", description="Async mode: the steps of a stale sample (drawn by an older version "
         "than the learner's) that the learner re-scores under pi_old and puts in w_i. `all` "
         "is the exact sequence ratio; `trained` skips the untrained steps (cheaper, biased).")
-    timestep_fraction: float = Field(0.9, gt=0, le=1, description="Share of steps trained.")
+    timestep_fraction: float = Field(
+        0.9, gt=0, le=1, description="Share of SDE steps trained: the first "
+        "int(fraction x T), at least 1, as Flow-GRPO (0.99 of 10 trains 9 and skips the last).")
+    detach_uncond: bool = Field(
+        True, description="With CFG (guidance_scale > 1), no gradient through the "
+        "unconditional branch of the guided velocity, as Flow-GRPO's trainer.")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -226,7 +242,13 @@ class TrainConfig(_Section):
     eval_images_per_prompt: int = Field(
         2, ge=1, description="Images per evaluation prompt (fixed seeds: evals are paired)."
     )
+    eval_batch_size: int = Field(
+        16, ge=1, description="Evaluation images per rollout-actor task; the eval set is "
+        "spread over every rollout actor in tasks of this size.")
     checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int | None = Field(
+        3, ge=1, description="Newest checkpoints kept on disk (older ones are deleted after "
+        "each new one is complete); unset = keep all.")
 
 
 class RunConfig(_Section):
@@ -319,8 +341,10 @@ class Config(_Section):
 
     @property
     def num_train_steps_per_trajectory(self) -> int:
-        """Transitions trained per trajectory: ceil(timestep_fraction * T)."""
-        return math.ceil(self.learner.timestep_fraction * self.sampling.num_steps)
+        """Transitions trained per trajectory: int(timestep_fraction * T), at least 1."""
+        from learner.objective import trained_steps
+
+        return len(trained_steps(self.sampling.num_steps, self.learner.timestep_fraction))
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
