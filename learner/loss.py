@@ -106,22 +106,25 @@ def op_grpo_loss(
     if sample_mask is None:
         sample_mask = torch.ones_like(advantages, dtype=torch.bool)
 
-    # Only valid rows enter the arithmetic: a masked row with an infinite weight or log-prob
-    # would otherwise turn the sum (inf * 0) and its gradient into NaN.
+    # Masked rows are replaced by zeros before any arithmetic: a masked row with an infinite
+    # weight or log-prob would otherwise turn the sum (inf * 0) and its gradient into NaN.
+    # (torch.where, not boolean indexing: shapes stay data-independent and nothing waits for
+    # the device.)
     valid = sample_mask
-    ratio = torch.exp(new_logprobs[valid] - anchor[valid])
-    adv = advantages.detach()[valid][:, None]
+    rows = valid[:, None]
+    new_v = torch.where(rows, new_logprobs, 0.0)
+    anchor_v = torch.where(rows, anchor, 0.0)
+    adv = torch.where(valid, advantages.detach(), 0.0)[:, None]
+    ratio = torch.exp(new_v - anchor_v)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
-    per_sample = -weight[valid] * torch.minimum(unclipped, clipped).mean(dim=1)
+    per_sample = -torch.where(valid, weight, 0.0) * torch.minimum(unclipped, clipped).mean(dim=1)
     policy_loss = per_sample.sum() / valid.sum().clamp(min=1)
 
     # The KL regulariser applies to every sample, masked groups included: it does not depend
     # on the advantage, and zero-variance groups still show how far theta drifted from ref.
-    if kl is not None and kl_beta > 0:
-        kl_loss = kl_beta * kl.mean()
-    else:
-        kl_loss = torch.zeros((), dtype=policy_loss.dtype)
+    use_kl = kl is not None and kl_beta > 0
+    kl_loss = kl_beta * kl.mean() if use_kl else policy_loss.new_zeros(())
     loss = policy_loss + kl_loss
 
     if off_policy_samples is None:
@@ -130,9 +133,9 @@ def op_grpo_loss(
     stats = _loss_stats(full_ratio, anchor, new_logprobs, off_policy_samples, valid, seq_weight,
                         clip_range)
     stats.update({
-        M.LOSS_TOTAL: float(loss.detach()),
-        M.LOSS_POLICY: float(policy_loss.detach()),
-        M.LOSS_KL: float(kl.mean().detach()) if kl is not None else 0.0,
+        M.LOSS_TOTAL: loss.detach(),
+        M.LOSS_POLICY: policy_loss.detach(),
+        M.LOSS_KL: kl.mean().detach() if kl is not None else policy_loss.new_zeros(()),
     })
     return LossOutput(loss, policy_loss, kl_loss, full_ratio, stats)
 
@@ -145,25 +148,35 @@ def _loss_stats(
     valid: torch.Tensor,
     seq_weight: torch.Tensor,
     clip_range: float,
-) -> dict[str, float]:
-    """The paper's diagnostics: clip fractions (all, off-policy) and approx KL over valid
-    samples; the sequence weights w_i of every off-policy sample (NaN when there is none),
-    logged under every correction so that the ablations show the w_i they ignore."""
+) -> dict[str, torch.Tensor]:
+    """The paper's diagnostics as 0-dim tensors on the loss's device (read them with
+    `stats_to_floats`, one device sync for all): clip fractions (all, off-policy) and approx
+    KL over valid samples; the sequence weights w_i of every off-policy sample (NaN when there
+    is none), logged under every correction so that the ablations show the w_i they ignore."""
     clipped = ((ratio - 1.0).abs() > clip_range).float()
     off_valid = off_policy_samples & valid
     log_ratio = new_logprobs.detach() - anchor
-    off_weights = seq_weight[off_policy_samples]  # masked groups too: w_i is a diagnostic
+    off = off_policy_samples  # masked groups too: w_i is a diagnostic
+    nan = torch.full_like(seq_weight, math.nan)
     return {
         M.LOSS_CLIPFRAC: _masked_mean(clipped, valid),
         M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped, off_valid),
         M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, valid),
         M.LOSS_RATIO_MEAN: _masked_mean(ratio, valid),
-        M.LOSS_SEQ_WEIGHT_MEAN: float(off_weights.mean()) if off_weights.numel() else math.nan,
-        M.LOSS_SEQ_WEIGHT_MAX: float(off_weights.max()) if off_weights.numel() else math.nan,
+        M.LOSS_SEQ_WEIGHT_MEAN: _masked_mean(seq_weight[:, None], off),
+        M.LOSS_SEQ_WEIGHT_MAX: torch.where(off, seq_weight, nan).nan_to_num(nan=-math.inf)
+        .max().where(off.any(), math.nan),
     }
 
 
-def _masked_mean(values: torch.Tensor, rows: torch.Tensor) -> float:
+def _masked_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Mean of values (B, S) over the selected rows (B,) bool; NaN when none is selected."""
-    selected = values[rows]
-    return float(selected.mean()) if selected.numel() else float("nan")
+    picked = torch.where(rows[:, None], values, 0.0)
+    return picked.sum() / (rows.sum() * values.shape[1])
+
+
+def stats_to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim statistic tensors of one device as Python floats, with one transfer."""
+    keys = list(stats)
+    values = torch.stack([stats[k].detach().to(torch.float64) for k in keys])
+    return dict(zip(keys, values.cpu().tolist()))

@@ -30,12 +30,13 @@ class LossSettings:
     seq_weight_max: float | None = None
     timestep_fraction: float = 0.9
     stale_rescore: str = "all"
+    detach_uncond: bool = True
 
     @classmethod
     def from_config(cls, config) -> LossSettings:
         lc = config.learner
         return cls(lc.clip_range, lc.correction, lc.kl_beta, lc.seq_weight_max,
-                   lc.timestep_fraction, lc.stale_rescore)
+                   lc.timestep_fraction, lc.stale_rescore, lc.detach_uncond)
 
 
 def trained_steps(num_steps: int, timestep_fraction: float) -> list[int]:
@@ -96,7 +97,8 @@ def rescore_stale(
 
 @dataclass
 class MicroBatch:
-    """Tensors of B trajectories: latents (B, T+1, ...), per-step (B, T), per-sample (B,)."""
+    """Tensors of B trajectories on one device: latents (B, T+1, ...), per-step (B, T),
+    per-sample (B,)."""
 
     prompts: list[str]
     latents: torch.Tensor
@@ -108,10 +110,12 @@ class MicroBatch:
 
     @classmethod
     def from_trajectories(
-        cls, trajectories: list[Trajectory], advantages: torch.Tensor, valid: torch.Tensor
+        cls, trajectories: list[Trajectory], advantages: torch.Tensor, valid: torch.Tensor,
+        device: torch.device | str = "cpu",
     ) -> MicroBatch:
+        """The batch on `device` (the policy's: `policy.device`)."""
         def stack(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.stack([getattr(t, name) for t in trajectories]))
+            return torch.from_numpy(np.stack([getattr(t, name) for t in trajectories])).to(device)
 
         missing = [t.prompt_key for t in trajectories if t.old_logprobs is None]
         if missing:
@@ -122,8 +126,8 @@ class MicroBatch:
             old_logprobs=stack("old_logprobs"),
             behaviour_logprobs=stack("behaviour_logprobs"),
             off_policy_mask=stack("off_policy_mask"),
-            advantages=advantages.to(torch.float32),
-            valid=valid.to(torch.bool),
+            advantages=advantages.to(device, torch.float32),
+            valid=valid.to(device, torch.bool),
         )
 
 
@@ -134,8 +138,9 @@ def accumulate_gradients(
     settings: LossSettings,
     backward: Callable[[torch.Tensor], None],
     num_micro_batches: int = 1,
-) -> dict[str, float]:
-    """Run forward + `backward` step by step; return the loss statistics averaged over steps.
+) -> dict[str, torch.Tensor]:
+    """Run forward + `backward` step by step; return the loss statistics averaged over steps
+    (0-dim tensors on the policy's device).
 
     Each step's loss is divided by S * num_micro_batches, so the gradients of all backward calls
     of one optimizer step (S per micro-batch) add up to the gradient of the mean over
@@ -149,10 +154,15 @@ def accumulate_gradients(
         batch.old_logprobs, batch.behaviour_logprobs, batch.off_policy_mask,
         settings.seq_weight_max,
     )
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
+    if batch.latents.device != policy.device:
+        raise ValueError(f"the micro-batch is on {batch.latents.device}, the policy on "
+                         f"{policy.device}: build it with MicroBatch.from_trajectories(..., "
+                         "device=policy.device)")
     for step in steps:
         x, x_next = batch.latents[:, step], batch.latents[:, step + 1]
-        out = step_logprob(policy, x, x_next, step, sigmas, embeds, spec)
+        out = step_logprob(policy, x, x_next, step, sigmas, embeds, spec,
+                           detach_uncond=settings.detach_uncond)
         kl = None
         if settings.kl_beta > 0:
             with torch.no_grad(), policy.reference():
@@ -175,4 +185,4 @@ def accumulate_gradients(
         backward(result.loss / (len(steps) * num_micro_batches))
         for key, value in result.stats.items():
             totals[key] = totals.get(key, 0.0) + value / len(steps)
-    return totals
+    return totals  # device tensors: `learner.loss.stats_to_floats` reads them in one sync

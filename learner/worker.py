@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner.loss import stats_to_floats
 from learner.objective import (
     LossSettings,
     MicroBatch,
@@ -179,11 +180,11 @@ class LearnerWorker:
             for start in range(0, len(order), mb):
                 idx = order[start : start + mb]
                 batch = MicroBatch.from_trajectories(
-                    [trajectories[i] for i in idx], advantages[idx], valid[idx]
-                )
-                collected.append(accumulate_gradients(
+                    [trajectories[i] for i in idx], advantages[idx], valid[idx],
+                    device=self.policy.device)
+                collected.append(stats_to_floats(accumulate_gradients(
                     self.policy, batch, self.spec, self.settings, self._backward,
-                    num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass))
+                    num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass)))
         self.version += 1
         return {**nan_mean(collected), M.POLICY_RESCORED_FRACTION: n_stale / max(1, len(rows)),
                 "time/learner_rescore": rescored_s,

@@ -83,7 +83,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                     policy, [record.text] * len(seeds), seeds, args.steps, args.guidance,
                     height, width,
                 )
-            images.append(policy.decode(final))
+            images.append(policy.decode(final).cpu())
             progress.advance(task)
     images = torch.cat(images)
     labels = None

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ MODEL_DEFAULTS_FILE = "opgrpo_model.json"
 DEFAULT_MAX_SEQUENCE_LENGTH = 77
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_PROMPT_CACHE_SIZE = 1024
+HOST = torch.device("cpu")  # where offloaded text encoders and cached embeddings live
+# A cached prompt: (prompt_embeds (L, D), pooled (P,) or None).
+_CacheRow = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclass
@@ -85,6 +90,45 @@ def _dtype_kwarg() -> str:
 
     renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
     return "dtype" if renamed else "torch_dtype"
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `model.dtype` string."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline component (a model_index.json name) is a frozen text encoder."""
+    return component.startswith("text_encoder")
+
+
+def component_dtype(component: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a pipeline component is held in when the model dtype is `dtype` (Flow-GRPO's
+    rule): the transformer(s) and the frozen text encoders in `dtype`, everything else (the
+    VAE) in float32, as it is small and decoding in half precision is lossy. LoRA parameters
+    train in float32 whatever the transformer's dtype (`_add_lora`)."""
+    if component.startswith("transformer") or is_text_encoder(component):
+        return dtype
+    return torch.float32
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `module` to `device` in `dtype`. A module already in `dtype` is only moved, so
+    the float32 layers transformers keeps in a float16 T5 (`_keep_in_fp32_modules`) stay."""
+    if module.dtype == dtype:
+        module.to(device)
+    else:
+        module.to(device=device, dtype=dtype)
+
+
+def _loads_dtype_per_component() -> bool:
+    """diffusers >= 0.33 takes a {component: dtype} dict in from_pretrained."""
+    import diffusers
+    from packaging.version import Version
+
+    return Version(diffusers.__version__).release >= (0, 33)
 
 
 def model_defaults(path: str | Path) -> dict:
@@ -145,12 +189,14 @@ class FlowPolicy:
         max_sequence_length: int | None = None,
         gradient_checkpointing: bool = False,
         num_frames: int = 1,
+        offload_text_encoders: bool = False,
+        prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if prompt_cache_size < 0:
+            raise ValueError(f"model.prompt_cache_size must be >= 0, got {prompt_cache_size}")
         self.pipeline = pipeline
         self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = model_dtype(dtype)
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.num_frames = num_frames
         self.transformer = pipeline.transformer.to(self.device)
@@ -158,8 +204,11 @@ class FlowPolicy:
             self.transformer.to(self.dtype)
         self.scheduler = pipeline.scheduler
         self.vae = getattr(pipeline, "vae", None)
-        for module in self._frozen_modules():
-            module.to(self.device).requires_grad_(False).eval()
+        self.offload_text_encoders = offload_text_encoders
+        for name, module in self._frozen_named_modules():
+            home = HOST if offload_text_encoders and is_text_encoder(name) else self.device
+            _place(module, home, component_dtype(name, self.dtype))
+            module.requires_grad_(False).eval()
         self.lora_rank = lora_rank
         self._reference: torch.nn.Module | None = None
         if lora_rank > 0:
@@ -168,7 +217,11 @@ class FlowPolicy:
             self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.prompt_cache_size = prompt_cache_size
+        # prompt -> (prompt_embeds (L, D), pooled (P,) or None), host memory, model dtype;
+        # least recently used first.
+        self._prompt_cache: OrderedDict[str, _CacheRow] = (
+            OrderedDict())
 
     @classmethod
     def from_pretrained(
@@ -185,7 +238,8 @@ class FlowPolicy:
             cls = policy_class(path)
         if max_sequence_length is None:
             max_sequence_length = model_defaults(path).get("max_sequence_length")
-        return cls(cls.load_pipeline(path), max_sequence_length=max_sequence_length, **kwargs)
+        pipeline = cls.load_pipeline(path, dtype=kwargs.get("dtype", "float32"))
+        return cls(pipeline, max_sequence_length=max_sequence_length, **kwargs)
 
     @classmethod
     def from_config(cls, config, device: str = "cpu", **kwargs) -> FlowPolicy:
@@ -195,11 +249,15 @@ class FlowPolicy:
             model.path, dtype=model.dtype, device=device, lora_rank=model.lora_rank,
             lora_alpha=model.lora_alpha, lora_target_modules=model.lora_target_modules,
             max_sequence_length=model.max_sequence_length, num_frames=model.num_frames,
-            **kwargs)
+            offload_text_encoders=model.offload_text_encoders,
+            prompt_cache_size=model.prompt_cache_size, **kwargs)
 
     @classmethod
-    def load_pipeline(cls, path: Path):
-        """The pipeline, float32, safetensors only; optional components may be absent."""
+    def load_pipeline(cls, path: Path, dtype: str = "float32"):
+        """The pipeline, safetensors only, each component read in its `component_dtype` for
+        model dtype `dtype` (no float32 copy of a bf16 T5-XXL on the way); optional
+        components may be absent. A diffusers without per-component dtypes loads float32 and
+        the policy casts."""
         import diffusers
 
         index = json.loads((path / "model_index.json").read_text())
@@ -208,10 +266,15 @@ class FlowPolicy:
                              f"{index.get('_class_name')!r}, expected {cls.pipeline_class!r}")
         absent = {name: None for name in cls.optional_components
                   if index.get(name, [None])[0] is None}
+        dtypes: torch.dtype | dict[str, torch.dtype] = torch.float32
+        if _loads_dtype_per_component():
+            dtypes = {"default": torch.float32, **{
+                name: component_dtype(name, model_dtype(dtype))
+                for name in index if not name.startswith("_")}}
         try:  # safetensors only: a pickled .bin checkpoint could run code when loaded
             return getattr(diffusers, cls.pipeline_class).from_pretrained(
                 path, local_files_only=True, use_safetensors=True,
-                **{_dtype_kwarg(): torch.float32}, **absent
+                **{_dtype_kwarg(): dtypes}, **absent
             )
         except OSError as exc:
             raise FileNotFoundError(
@@ -219,9 +282,13 @@ class FlowPolicy:
                 "pickled .bin weights are not loaded: convert them with save_pretrained("
                 "safe_serialization=True)") from None
 
+    def _frozen_named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(component name, module) of the frozen components this pipeline has."""
+        return [(n, m) for n in self.frozen_names
+                if (m := getattr(self.pipeline, n, None)) is not None]
+
     def _frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (getattr(self.pipeline, n, None) for n in self.frozen_names)
-                if m is not None]
+        return [m for _, m in self._frozen_named_modules()]
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
         from peft import LoraConfig
@@ -263,23 +330,72 @@ class FlowPolicy:
 
     def sigmas(self, num_steps: int, height: int | None = None,
                width: int | None = None) -> torch.Tensor:
-        """The sigma grid (T+1,) of `num_steps` steps, from the model's scheduler config
-        (`height`/`width` matter only for resolution-dependent shifting)."""
+        """The sigma grid (T+1,) of `num_steps` steps, float32 on the host (it is schedule
+        metadata: each step reads its two sigmas as numbers), computed once per size from the
+        model's scheduler config (`height`/`width` matter only for resolution-dependent
+        shifting). Treat it as read-only."""
+        key = (num_steps, height, width)
+        cache = self.__dict__.setdefault("_sigma_grids", {})
+        if key not in cache:
+            cache[key] = self._sigma_grid(num_steps, height, width)
+        return cache[key]
+
+    def _sigma_grid(self, num_steps: int, height: int | None,
+                    width: int | None) -> torch.Tensor:
         return sigma_grid(self.scheduler, num_steps)
 
     # ----- text ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Embeddings of `prompts`, encoding each distinct prompt once per policy lifetime."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        """Embeddings of `prompts` on the policy device, in the model dtype.
+
+        Each distinct prompt of the batch is encoded once. The `prompt_cache_size` distinct
+        prompts used last are kept in host memory (least recently used evicted first), so a
+        prompt seen again skips the text encoders.
+        """
+        rows = {p: self._prompt_cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, row in rows.items() if row is None]
         if missing:
-            embeds, pooled = self._encode(missing)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = (
-                    embeds[i].float(), None if pooled is None else pooled[i].float())
-        rows = [self._prompt_cache[p] for p in prompts]
-        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-        return PromptEmbeds(torch.stack([r[0] for r in rows]), pooled)
+            rows.update(self._encode_to_host(missing))
+        self._remember(rows)
+        embeds = torch.stack([rows[p][0] for p in prompts]).to(self.device)
+        if rows[prompts[0]][1] is None:
+            return PromptEmbeds(embeds)
+        return PromptEmbeds(embeds, torch.stack([rows[p][1] for p in prompts]).to(self.device))
+
+    def _encode_to_host(self, prompts: list[str]) -> dict[str, _CacheRow]:
+        """prompt -> (prompt_embeds (L, D), pooled (P,) or None) of distinct prompts, host
+        copies in the model dtype (each its own storage, so evicting one frees it)."""
+        with self._text_encoders_on_device():
+            embeds, pooled = self._encode(prompts)
+        embeds = embeds.to(HOST, self.dtype)
+        pooled = None if pooled is None else pooled.to(HOST, self.dtype)
+        return {p: (embeds[i].clone(), None if pooled is None else pooled[i].clone())
+                for i, p in enumerate(prompts)}
+
+    def _remember(self, rows: dict[str, _CacheRow]) -> None:
+        """Put a batch's rows in the cache as the most recently used; evict beyond its size."""
+        if self.prompt_cache_size == 0:
+            return
+        for prompt, row in rows.items():
+            self._prompt_cache[prompt] = row
+            self._prompt_cache.move_to_end(prompt)
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """With `offload_text_encoders`, the text encoders visit the policy device for one
+        encode and go back to host memory after it."""
+        encoders = [m for n, m in self._frozen_named_modules()
+                    if self.offload_text_encoders and is_text_encoder(n)]
+        for module in encoders:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in encoders:
+                module.to(HOST)
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt_embeds (n, L, D), pooled (n, P) or None) of distinct prompts."""
@@ -299,14 +415,19 @@ class FlowPolicy:
         embeds: PromptEmbeds,
         guidance_scale: float = 1.0,
         negative: PromptEmbeds | None = None,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
-        """v_theta(x, sigma, c), shape of `latents`, with CFG when guidance_scale > 1.
+        """v_theta(x, sigma, c), shape of `latents`, on the policy's device, with CFG when
+        guidance_scale > 1.
 
         Args:
             latents: (B, *latent_shape), unpacked.
             sigma: scalar or (B,) noise level(s) in [0, 1].
             embeds: conditioning of the B rows.
             negative: unconditional embeddings (default: the empty prompt) for CFG.
+            detach_uncond: no gradient through the unconditional half of the guided velocity
+                (Flow-GRPO's trainer); the value is unchanged, so log-probs match the
+                rollout's exactly.
         """
         batch = latents.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
@@ -318,6 +439,8 @@ class FlowPolicy:
             both = PromptEmbeds.cat([negative, embeds])
             out = self._forward(torch.cat([latents, latents]), sigma.repeat(2), both)
             uncond, cond = out.chunk(2)
+            if detach_uncond:
+                uncond = uncond.detach()
             return uncond + guidance_scale * (cond - uncond)
         return self._forward(latents, sigma, embeds)
 
@@ -329,11 +452,13 @@ class FlowPolicy:
     def _call_transformer(self, latents: torch.Tensor, sigma: torch.Tensor,
                           embeds: PromptEmbeds, **extra) -> torch.Tensor:
         """transformer(latents, timestep = sigma x num_train_timesteps, text tokens, **extra):
-        the call of the families whose timestep is on the 0-1000 scale (SD3, Wan)."""
-        timestep = sigma * self.scheduler.config.num_train_timesteps
+        the call of the families whose timestep is on the 0-1000 scale (SD3, Wan). The
+        timestep stays float32, as diffusers' pipelines pass it (in bf16, 1000 x sigma would
+        be rounded to a multiple of 4 near 1000)."""
+        timestep = sigma.to(self.device, torch.float32) * self.scheduler.config.num_train_timesteps
         return self.transformer(
             hidden_states=latents.to(self.device, self.dtype),
-            timestep=timestep.to(self.dtype),
+            timestep=timestep,
             encoder_hidden_states=embeds.prompt_embeds.to(self.device, self.dtype),
             return_dict=False, **extra,
         )[0]

@@ -8,6 +8,10 @@
 
 Every trajectory draws its noise from its own generator seeded by `trajectory_seed`, so a
 trajectory is the same whatever batch or actor produced it.
+
+Device discipline: generators live on the CPU (the same noise on any device); every tensor of
+the computation (noise, latents, log-probs, embeddings) lives on `policy.device`, and tensors
+cross to numpy once, in `host` at the `Trajectory` boundary.
 """
 
 from __future__ import annotations
@@ -53,7 +57,25 @@ def trajectory_seed(base_seed: int, *parts: object) -> int:
 
 
 def _generators(seeds: list[int]) -> list[torch.Generator]:
+    """CPU generators: noise drawn from them is the same on every device."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...],
+                  device: torch.device) -> torch.Tensor:
+    """x_0 ~ N(0, I) per row (B, *shape), drawn on the CPU from each row's generator, on
+    `device`."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def host(tensor: torch.Tensor) -> np.ndarray:
+    """The one crossing from the policy's device to numpy (the `Trajectory` boundary)."""
+    return tensor.detach().to("cpu", torch.float32).numpy()
+
+
+def device_stack(policy: FlowPolicy, arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stored numpy arrays (from trajectories) as one float32 batch on the policy's device."""
+    return torch.from_numpy(np.stack(arrays)).to(policy.device, torch.float32)
 
 
 def step_logprob(
@@ -65,13 +87,16 @@ def step_logprob(
     embeds: PromptEmbeds,
     spec: SamplingSpec,
     generators: list[torch.Generator] | None = None,
+    detach_uncond: bool = False,
 ) -> SDEStepOutput:
     """One SDE transition at grid index `step` under the policy's current weights.
 
     latents: (B, C, h, w) x_t; next_latents: (B, C, h, w) x_{t+1} to score, or None to draw it
-    with `generators`. Gradients flow into the velocity when grad mode is on (the learner).
+    with `generators`. Gradients flow into the velocity when grad mode is on (the learner),
+    except through CFG's unconditional half with `detach_uncond`.
     """
-    velocity = policy.velocity(latents, sigmas[step], embeds, spec.guidance_scale)
+    velocity = policy.velocity(latents, sigmas[step], embeds, spec.guidance_scale,
+                               detach_uncond=detach_uncond)
     return sde_step_with_logprob(
         velocity,
         latents,
@@ -96,16 +121,30 @@ def _run_sde(
     spec: SamplingSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps start_step..T-1 from `start`; returns latents (B, T-start+1, ...) and logp (B, .)."""
-    latents, logps = [start.float()], []
-    x = start.float()
+    x = start.to(policy.device, torch.float32)
+    latents, logps = [x], []
     for step in range(start_step, spec.num_steps):
         out = step_logprob(policy, x, None, step, sigmas, embeds, spec, generators)
         x = out.prev_sample
         latents.append(x)
         logps.append(out.log_prob)
     if not logps:  # start_step == T (no truncation): nothing to draw
-        return torch.stack(latents, dim=1), start.new_zeros((start.shape[0], 0))
+        return torch.stack(latents, dim=1), x.new_zeros((x.shape[0], 0))
     return torch.stack(latents, dim=1), torch.stack(logps, dim=1)
+
+
+@torch.no_grad()
+def sample_tensors(
+    policy: FlowPolicy, prompts: list[str], seeds: list[int], spec: SamplingSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device half of `sample_trajectories`: latents (B, T+1, ...) and behaviour
+    log-probs (B, T), on the policy's device."""
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
+    generators = _generators(seeds)
+    noise = initial_noise(generators, policy.latent_shape(spec.height, spec.width),
+                          policy.device)
+    embeds = policy.encode_prompts(prompts)
+    return _run_sde(policy, noise, 0, sigmas, embeds, generators, spec)
 
 
 @torch.no_grad()
@@ -121,19 +160,15 @@ def sample_trajectories(
     if not len(prompts) == len(prompt_keys) == len(seeds):
         raise ValueError("prompts, prompt_keys and seeds must have the same length")
     sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
-    generators = _generators(seeds)
-    shape = policy.latent_shape(spec.height, spec.width)
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    embeds = policy.encode_prompts(prompts)
-    latents, logps = _run_sde(policy, noise, 0, sigmas, embeds, generators, spec)
+    latents, logps = (host(t) for t in sample_tensors(policy, prompts, seeds, spec))
     return [
         Trajectory(
             prompt_key=key,
             prompt=prompt,
-            latents=latents[i].numpy(),
+            latents=latents[i],
             sigmas=sigmas.numpy(),
-            behaviour_logprobs=logps[i].numpy(),
-            old_logprobs=logps[i].numpy(),
+            behaviour_logprobs=logps[i],
+            old_logprobs=logps[i],
             behaviour_version=version,
             noise_level=spec.noise_level,
             seed=int(seeds[i]),
@@ -178,15 +213,28 @@ def rescore_transitions(
     spec: SamplingSpec,
 ) -> np.ndarray:
     """log pi(x_{t+1} | x_t) for each trajectory and each grid index in `steps`: (B, len(steps))."""
+    return host(rescore_tensors(policy, trajectories, steps, spec))
+
+
+@torch.no_grad()
+def rescore_tensors(
+    policy: FlowPolicy,
+    trajectories: list[Trajectory],
+    steps: list[int],
+    spec: SamplingSpec,
+) -> torch.Tensor:
+    """`rescore_transitions` on the policy's device: (B, len(steps)) float32."""
     sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     _check_grid(trajectories, sigmas)
+    if not steps:
+        return torch.zeros((len(trajectories), 0), device=policy.device)
     embeds = policy.encode_prompts([t.prompt for t in trajectories])
-    latents = torch.from_numpy(np.stack([t.latents for t in trajectories]))
+    latents = device_stack(policy, [t.latents for t in trajectories])
     scores = [
         step_logprob(policy, latents[:, s], latents[:, s + 1], s, sigmas, embeds, spec).log_prob
         for s in steps
     ]
-    return torch.stack(scores, dim=1).numpy() if scores else np.zeros((len(trajectories), 0))
+    return torch.stack(scores, dim=1)
 
 
 @torch.no_grad()
@@ -212,14 +260,12 @@ def regenerate_from(
         raise ValueError("one seed per trajectory is needed")
     sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     _check_grid(trajectories, sigmas)
-    prefix_old = rescore_transitions(policy, trajectories, list(range(k)), spec)
-    embeds = policy.encode_prompts([t.prompt for t in trajectories])
-    start = torch.from_numpy(np.stack([t.latents[k] for t in trajectories]))
-    tail_latents, tail_logps = _run_sde(policy, start, k, sigmas, embeds, _generators(seeds), spec)
+    tail_latents, tail_logps, prefix_old = (host(t) for t in regenerate_tensors(
+        policy, trajectories, k, seeds, spec))
     out = []
     for i, traj in enumerate(trajectories):
-        latents = np.concatenate([traj.latents[:k], tail_latents[i].numpy()])
-        tail = tail_logps[i].numpy()
+        latents = np.concatenate([traj.latents[:k], tail_latents[i]])
+        tail = tail_logps[i]
         mask = np.zeros(spec.num_steps, dtype=bool)
         mask[:k] = True
         out.append(
@@ -242,6 +288,25 @@ def regenerate_from(
 
 
 @torch.no_grad()
+def regenerate_tensors(
+    policy: FlowPolicy,
+    trajectories: list[Trajectory],
+    truncate_step: int,
+    seeds: list[int],
+    spec: SamplingSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device half of `regenerate_from`: tail latents (B, T-K+1, ...), tail log-probs
+    (B, T-K) and the prefix's old log-probs (B, K), all on the policy's device."""
+    k = truncate_step
+    sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
+    prefix_old = rescore_tensors(policy, trajectories, list(range(k)), spec)
+    embeds = policy.encode_prompts([t.prompt for t in trajectories])
+    start = device_stack(policy, [t.latents[k] for t in trajectories])
+    tail_latents, tail_logps = _run_sde(policy, start, k, sigmas, embeds, _generators(seeds), spec)
+    return tail_latents, tail_logps, prefix_old
+
+
+@torch.no_grad()
 def sample_ode(
     policy: FlowPolicy,
     prompts: list[str],
@@ -251,10 +316,11 @@ def sample_ode(
     height: int,
     width: int,
 ) -> torch.Tensor:
-    """Deterministic Euler sampling (evaluation); returns final latents (B, *latent_shape)."""
+    """Deterministic Euler sampling (evaluation); returns final latents (B, *latent_shape) on
+    the policy's device."""
     sigmas = policy.sigmas(num_steps, height, width)
     shape = policy.latent_shape(height, width)
-    x = torch.stack([torch.randn(shape, generator=g) for g in _generators(seeds)])
+    x = initial_noise(_generators(seeds), shape, policy.device)
     embeds = policy.encode_prompts(prompts)
     for step in range(num_steps):
         v = policy.velocity(x, sigmas[step], embeds, guidance_scale)

@@ -97,11 +97,11 @@ def sde_step_with_logprob(
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     v = model_output.to(torch.float32)
     x = sample.to(torch.float32)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device)
-    dt = sigma_next - sigma
-    if not bool(dt < 0):
+    if not float(sigma_next) < float(sigma):  # the grid is host data: no device sync
         raise ValueError(f"sigma_next ({float(sigma_next)}) must be below sigma ({float(sigma)})")
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).to(x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32).to(x.device)
+    dt = sigma_next - sigma
 
     std = sde_std(sigma, sigma_1, noise_level)
     mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
@@ -132,10 +132,8 @@ def ode_step(
     sigma_next: float | torch.Tensor,
 ) -> torch.Tensor:
     """Euler step of the flow ODE, x' = x + (sigma_next - sigma) * v, in float32."""
-    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(
-        sigma, dtype=torch.float32
-    )
-    return sample.to(torch.float32) + dt.to(sample.device) * model_output.to(torch.float32)
+    dt = float(sigma_next) - float(sigma)
+    return sample.to(torch.float32) + dt * model_output.to(torch.float32)
 
 
 def _standard_normal(
@@ -144,6 +142,10 @@ def _standard_normal(
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn(shape[1:], generator=g, device=device) for g in generator]
-        return torch.stack(rows)
-    return torch.randn(shape, generator=generator, device=device)
+        rows = [torch.randn(shape[1:], generator=g, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)
+    if generator is None:
+        return torch.randn(shape, device=device)
+    # a CPU generator (as opgrpo's are, so that noise is the same on every device) draws on
+    # the CPU; the noise then moves to the sample's device
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)

@@ -42,8 +42,8 @@ class FluxPolicy(FlowPolicy):
         self._check_size(height, width, factor * 2)  # 2x2 packing
         return (self.transformer.config.in_channels // 4, height // factor, width // factor)
 
-    def sigmas(self, num_steps: int, height: int | None = None,
-               width: int | None = None) -> torch.Tensor:
+    def _sigma_grid(self, num_steps: int, height: int | None,
+                    width: int | None) -> torch.Tensor:
         """FluxPipeline's grid: linspace(1, 1/T, T) shifted by mu(image tokens), then 0."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
