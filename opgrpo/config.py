@@ -46,6 +46,12 @@ def _check_resources(resources: dict[str, float]) -> dict[str, float]:
 Resources = Annotated[dict[str, float], AfterValidator(_check_resources)]
 
 
+# Flow-GRPO's LoRA targets: the image stream (to_q/k/v/out) and the text stream
+# (add_q/k/v_proj, to_add_out) of every joint attention block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0",
+                        "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Directory of a diffusers-layout pipeline.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -54,8 +60,7 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0, description="LoRA rank on attention projections; 0 = full.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = lora_rank.")
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0",
-                                 "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         description="Module names of the transformer that receive LoRA adapters (default: "
         "Flow-GRPO's, the image and the text stream of every attention block; names a "
         "family lacks are skipped).",

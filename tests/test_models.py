@@ -31,7 +31,7 @@ def test_prompt_embeddings_are_cached_and_match_the_pipeline(policy):
     assert torch.equal(first.prompt_embeds[0], first.prompt_embeds[2])
     embeds, _, pooled, _ = policy.pipeline.encode_prompt(
         "two blue squares", None, None, do_classifier_free_guidance=False,
-        max_sequence_length=77,
+        max_sequence_length=policy.max_sequence_length,
     )
     torch.testing.assert_close(first.prompt_embeds[1], embeds[0])
     torch.testing.assert_close(first.pooled[1], pooled[0])

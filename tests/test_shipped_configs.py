@@ -29,6 +29,42 @@ FAMILY = {"sd35m": "sd35", "flux": "flux", "wan21": "wan"}
 pytestmark = pytest.mark.slow
 
 
+# Flow-GRPO's SD3.5-M recipes (its config/grpo.py and config/base.py; scripts/train_sd3.py
+# for the LoRA targets, T5 length and trained steps), as our settings. README "Flow-GRPO
+# parity" lists these and every deliberate difference.
+FLOW_GRPO_SD35M = {
+    "sampling.num_steps": 10, "sampling.eval_num_steps": 40, "sampling.guidance_scale": 4.5,
+    "sampling.noise_level": 0.7, "model.height": 512, "model.width": 512,
+    "model.lora_rank": 32, "model.lora_alpha": 64,
+    "model.lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                  "add_k_proj", "add_v_proj", "to_add_out"],
+    "rollout.group_size": 24, "rollout.prompts_per_step": 48, "learner.micro_batch_size": 9,
+    "learner.clip_range": 1e-4, "learner.adv_clip_max": 5, "learner.global_std": True,
+    "learner.timestep_fraction": 0.99, "learner.learning_rate": 3e-4,
+    "learner.weight_decay": 1e-4, "learner.adam_betas": (0.9, 0.999),
+    "learner.max_grad_norm": 1.0, "learner.optimizer_steps_per_pass": 2,
+    "learner.updates_per_step": 1, "learner.detach_uncond": True, "train.eval_every": 60,
+}
+FLOW_GRPO_KL = {"sd35m_geneval": 0.04, "sd35m_ocr": 0.04, "sd35m_pickscore": 0.01}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_GRPO_KL))
+def test_sd35m_configs_have_flow_grpo_settings(name):
+    from opgrpo.policies.sd3 import SD3Policy
+
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    for dotted, expected in {**FLOW_GRPO_SD35M, "learner.kl_beta": FLOW_GRPO_KL[name]}.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(config, section), key) == expected, dotted
+    # int(0.99 x 10) = 9: the last, most ill-conditioned step is not trained
+    assert config.num_train_steps_per_trajectory == 9
+    # T5 tokens: unset in the config, so the SD3 adapter's default applies
+    assert config.model.max_sequence_length is None
+    assert SD3Policy.default_max_sequence_length == 128
+    if name == "sd35m_geneval":  # Flow-GRPO trains on GenEval's dense score
+        assert config.reward.options["geneval"]["key"] == "partial"
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_validates(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")

@@ -16,6 +16,7 @@ class SD3Policy(FlowPolicy):
     pipeline_class = "StableDiffusion3Pipeline"
     optional_components = ("vae", "text_encoder_3", "tokenizer_3")
     frozen_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    default_max_sequence_length = 128  # T5 tokens, as Flow-GRPO (diffusers' default is 256)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels."""
