@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from opgrpo.config import DEFAULT_LORA_TARGETS
 from opgrpo.sde import sigma_grid
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 MODEL_DEFAULTS_FILE = "opgrpo_model.json"
 DEFAULT_MAX_SEQUENCE_LENGTH = 77
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_PROMPT_CACHE_SIZE = 1024
 HOST = torch.device("cpu")  # where offloaded text encoders and cached embeddings live
 # A cached prompt: (prompt_embeds (L, D), pooled (P,) or None).
