@@ -30,6 +30,12 @@ def _grads(policy):
 def test_trained_steps():
     assert trained_steps(10, 0.9) == list(range(9))
     assert trained_steps(5, 1.0) == list(range(5))
+    # Flow-GRPO's int(fraction x T): 0.99 of 10 trains 9 and skips the last step; FLUX's 6
+    # steps train 5; float error does not lose a step (0.3 x 10 = 3.0000000000000004)
+    assert trained_steps(10, 0.99) == list(range(9))
+    assert trained_steps(6, 0.99) == list(range(5))
+    assert trained_steps(10, 0.3) == list(range(3)) and trained_steps(10, 0.7) == list(range(7))
+    assert trained_steps(10, 0.05) == [0]  # at least one
 
 
 def test_on_policy_first_forward_reproduces_old_logprobs(setup):
