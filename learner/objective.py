@@ -64,8 +64,9 @@ def rescore_stale(
     A stale sample's re-scored steps get old log-probs under pi_old and are marked off-policy,
     so that its sequence weight w_i = exp(sum(logp_old - logp_mu)) covers all of them
     (`stale_rescore: all`: every step, the exact ratio of the whole trajectory; `trained`:
-    the trained steps only). The behaviour log-probs (mu) stay those of the policy that drew
-    each step. Returns the trajectories (fresh ones unchanged) and how many were re-scored.
+    the trained steps only, while a replayed sample's buffer prefix keeps its off-policy flags
+    and rollout-time old log-probs on the other steps). The behaviour log-probs (mu) stay those
+    of the policy that drew each step. Returns the trajectories (fresh ones unchanged) and how many were re-scored.
 
     `forward_all`: run the forwards over every trajectory, fresh ones included (their scores
     are dropped). Learner ranks under ZeRO-3 gather parameters collectively in each forward,
@@ -89,7 +90,9 @@ def rescore_stale(
                 continue  # fresh: its old log-probs are its behaviour log-probs
             old = (traj.old_logprobs if traj.old_logprobs is not None
                    else traj.behaviour_logprobs).copy()
-            mask = np.zeros(num_steps, dtype=bool)
+            # from the trajectory's own flags: a replayed sample's buffer prefix stays
+            # off-policy on the steps that are not re-scored (its mu is the buffer policy's)
+            mask = traj.off_policy_mask.copy()
             old[steps], mask[steps] = scores[row], True
             out[i] = traj.with_updates(old_logprobs=old, off_policy_mask=mask)
     return out, len(stale)

@@ -80,10 +80,19 @@ def test_the_learner_forward_reproduces_the_rollout_logprobs(policies, drawn):
     assert out[1].off_policy_mask.all()
 
 
-def test_trained_only_rescoring_and_replayed_samples(policies, drawn):
+def test_trained_only_rescoring_keeps_a_replayed_prefix_in_the_weight(policies, tiny_sd3_dir):
+    """A stale replayed sample under `stale_rescore: trained`: its trained steps are re-scored
+    under the learner's pi_old, and the steps of its buffer prefix that are not trained keep
+    their off-policy flags, so w_i still covers the buffer policy's steps."""
     old, new = policies
-    # a replayed sample: prefix of 3 steps from the buffer, tail drawn by pi_0 (version 0)
-    mixed = regenerate_from(old, drawn[:2], 3, [11, 12], SPEC, version=0)
+    buffer_policy = FlowPolicy.from_pretrained(tiny_sd3_dir, lora_rank=4)  # mu of the prefix
+    generator = torch.Generator().manual_seed(1)
+    buffer_policy.load_trainable_state_dict({
+        name: value - 0.3 * torch.randn(value.shape, generator=generator)
+        for name, value in old.trainable_state_dict().items()})
+    stored = sample_trajectories(buffer_policy, PROMPTS[:2], ["a", "b"], [1, 2], SPEC, 0)
+    # replayed at version 0: prefix of K = 3 steps from the buffer, tail drawn by pi_0
+    mixed = regenerate_from(old, stored, 3, [11, 12], SPEC, version=0)
     assert all(t.rollout_version == 0 and t.replayed for t in mixed)
     settings = LossSettings(timestep_fraction=0.4, stale_rescore="trained")
     out, n = rescore_stale(new, mixed, version=1, spec=SPEC, settings=settings, batch_size=4)
@@ -93,8 +102,18 @@ def test_trained_only_rescoring_and_replayed_samples(policies, drawn):
     expected = rescore_transitions(new, mixed, steps, SPEC)
     for traj, before, row in zip(out, mixed, expected):
         np.testing.assert_allclose(traj.old_logprobs[steps], row, atol=1e-5)
-        assert traj.off_policy_mask.tolist() == [True, True, False, False, False]
+        # step 2 is in the buffer prefix (K = 3) but not trained: still off-policy
+        assert traj.off_policy_mask.tolist() == [True, True, True, False, False]
+        assert np.array_equal(traj.old_logprobs[2:], before.old_logprobs[2:])
         assert np.array_equal(traj.behaviour_logprobs, before.behaviour_logprobs)
+    w = sequence_weights(*(torch.from_numpy(np.stack([getattr(t, k) for t in out]))
+                           for k in ("old_logprobs", "behaviour_logprobs", "off_policy_mask")))
+    mu = np.stack([t.behaviour_logprobs for t in mixed])
+    old_prefix = np.concatenate([expected, np.stack([t.old_logprobs[2:3] for t in mixed])], 1)
+    log_w = (old_prefix - mu[:, :3]).sum(axis=1)
+    np.testing.assert_allclose(w.numpy(), np.exp(log_w), rtol=1e-4)
+    step2 = np.stack([t.old_logprobs[2] - t.behaviour_logprobs[2] for t in mixed])
+    assert np.abs(step2).max() > 1e-4  # the prefix's policy differs: leaving it out shows
 
 
 def test_rollout_actor_refuses_older_weights_only(tmp_path):
