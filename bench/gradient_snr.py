@@ -26,7 +26,7 @@ import torch
 
 from actors.rewards import get_reward
 from learner.advantages import group_advantages
-from learner.objective import LossSettings, MicroBatch, accumulate_gradients
+from learner.objective import LossSettings, MicroBatch, UpdateSize, accumulate_gradients
 from opgrpo.config import load_config
 from opgrpo.models import FlowPolicy
 from opgrpo.prompts import load_prompts
@@ -51,13 +51,13 @@ def batch_gradient(policy, config, prompts, spec, settings,
     for p in params:
         p.grad = None
     mb = config.learner.micro_batch_size
-    n_micro = -(-len(trajs) // mb)
+    size = UpdateSize.of(adv.valid)  # one update over the whole batch
     for start in range(0, len(trajs), mb):
         idx = list(range(start, min(start + mb, len(trajs))))
         batch = MicroBatch.from_trajectories([trajs[i] for i in idx], adv.advantages[idx],
-                                             adv.valid[idx])
+                                             adv.valid[idx], device=policy.device)
         accumulate_gradients(policy, batch, spec, settings, lambda loss: loss.backward(),
-                             num_micro_batches=n_micro)
+                             update=size)
     grad = torch.cat([p.grad.flatten() for p in params]).clone()
     return grad, float(np.mean(rewards))
 

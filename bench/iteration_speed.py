@@ -21,7 +21,13 @@ import torch
 
 from actors.rewards import get_reward
 from learner.advantages import group_advantages
-from learner.objective import LossSettings, MicroBatch, accumulate_gradients
+from learner.objective import (
+    LossSettings,
+    MicroBatch,
+    UpdateSize,
+    accumulate_gradients,
+    update_micro_batches,
+)
 from opgrpo.config import load_config
 from opgrpo.models import FlowPolicy
 from opgrpo.prompts import load_prompts
@@ -56,20 +62,20 @@ def run(config_path: str, iterations: int, overrides: list[str]) -> dict:
         t2 = time.perf_counter()
         adv = group_advantages(torch.tensor(rewards), torch.arange(len(trajs)) // group,
                                config.learner.global_std, config.learner.adv_clip_max)
-        order = torch.randperm(len(trajs))
-        mb = config.learner.micro_batch_size
-        per_update = -(-len(trajs) // mb) // config.learner.optimizer_steps_per_pass
-        for n, start in enumerate(range(0, len(trajs), mb), start=1):
-            idx = order[start : start + mb]
-            batch = MicroBatch.from_trajectories([trajs[i] for i in idx], adv.advantages[idx],
-                                                 adv.valid[idx])
-            accumulate_gradients(policy, batch, spec, settings, lambda loss: loss.backward(),
-                                 num_micro_batches=per_update)
-            if n % per_update == 0:  # an optimizer step every per_update micro-batches
-                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),
-                                               config.learner.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        order = torch.randperm(len(trajs)).tolist()
+        for update in update_micro_batches(order, config.learner.micro_batch_size,
+                                           config.learner.optimizer_steps_per_pass):
+            size = UpdateSize.of(adv.valid[[i for idx in update for i in idx]])
+            for idx in update:
+                batch = MicroBatch.from_trajectories(
+                    [trajs[i] for i in idx], adv.advantages[idx], adv.valid[idx],
+                    device=policy.device)
+                accumulate_gradients(policy, batch, spec, settings,
+                                     lambda loss: loss.backward(), update=size)
+            torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),
+                                           config.learner.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         rows.append({"iteration": iteration, "rollout_s": t1 - t0, "reward_s": t2 - t1,
                      "train_s": t3 - t2, "total_s": t3 - t0,

@@ -76,6 +76,8 @@ def op_grpo_loss(
     kl: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     off_policy_samples: torch.Tensor | None = None,
+    policy_normaliser: float | None = None,
+    kl_normaliser: float | None = None,
 ) -> LossOutput:
     """Clipped GRPO loss with the chosen off-policy correction.
 
@@ -93,6 +95,12 @@ def op_grpo_loss(
         kl: (B, S) per-step KL terms, or None when kl_beta == 0.
         off_policy_samples: (B,) which samples count as off-policy in the statistics
             (default: those with an off-policy step among the S given).
+        policy_normaliser, kl_normaliser: when this micro-batch is part of a larger update,
+            the number of valid samples (policy term) and of all samples (KL term) of the
+            whole update: `loss` is then this batch's share of the update's means, so that
+            the summed gradients equal the gradient of the means over the update whatever
+            the micro-batch size and wherever masked rows fall. Default: this batch alone.
+            `policy_loss` and `kl_loss` stay this batch's own means (statistics).
     """
     if correction not in ("sequence", "naive", "none"):
         raise ValueError(f"learner.correction must be sequence|naive|none, got {correction!r}")
@@ -126,6 +134,10 @@ def op_grpo_loss(
     use_kl = kl is not None and kl_beta > 0
     kl_loss = kl_beta * kl.mean() if use_kl else policy_loss.new_zeros(())
     loss = policy_loss + kl_loss
+    if policy_normaliser is not None or kl_normaliser is not None:
+        loss = per_sample.sum() / max(1.0, float(policy_normaliser or valid.numel()))
+        if use_kl:
+            loss = loss + kl_beta * kl.mean(dim=1).sum() / float(kl_normaliser or len(kl))
 
     if off_policy_samples is None:
         off_policy_samples = off_policy_mask.any(dim=1)

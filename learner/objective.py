@@ -66,7 +66,8 @@ def rescore_stale(
     (`stale_rescore: all`: every step, the exact ratio of the whole trajectory; `trained`:
     the trained steps only, while a replayed sample's buffer prefix keeps its off-policy flags
     and rollout-time old log-probs on the other steps). The behaviour log-probs (mu) stay those
-    of the policy that drew each step. Returns the trajectories (fresh ones unchanged) and how many were re-scored.
+    of the policy that drew each step. Returns the trajectories (fresh ones unchanged) and how
+    many were re-scored.
 
     `forward_all`: run the forwards over every trajectory, fresh ones included (their scores
     are dropped). Learner ranks under ZeRO-3 gather parameters collectively in each forward,
@@ -134,22 +135,54 @@ class MicroBatch:
         )
 
 
+@dataclass(frozen=True)
+class UpdateSize:
+    """How many samples one optimizer update averages over (all ranks' micro-batches of it,
+    divided by the number of data-parallel ranks, which average their gradients): `valid` for
+    the policy term (samples of zero-variance groups carry none), `total` for the KL term
+    (it covers every sample)."""
+
+    valid: float
+    total: float
+
+    @classmethod
+    def of(cls, valid: torch.Tensor) -> UpdateSize:
+        """The size of an update made of the rows flagged by `valid` (B,) alone."""
+        return cls(float(valid.sum()), float(valid.numel()))
+
+
+def update_micro_batches(order: list[int], micro_batch_size: int,
+                         optimizer_steps: int) -> list[list[list[int]]]:
+    """Row indices of each micro-batch of each optimizer update of one pass: the shuffled
+    `order` cut into micro-batches, then into `optimizer_steps` consecutive groups."""
+    batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if len(batches) % optimizer_steps:
+        raise ValueError(f"{len(batches)} micro-batches do not split into {optimizer_steps} "
+                         "optimizer steps (learner.optimizer_steps_per_pass)")
+    per_update = len(batches) // optimizer_steps
+    return [batches[u * per_update : (u + 1) * per_update] for u in range(optimizer_steps)]
+
+
 def accumulate_gradients(
     policy: FlowPolicy,
     batch: MicroBatch,
     spec: SamplingSpec,
     settings: LossSettings,
     backward: Callable[[torch.Tensor], None],
-    num_micro_batches: int = 1,
+    update: UpdateSize | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run forward + `backward` step by step; return the loss statistics averaged over steps
     (0-dim tensors on the policy's device).
 
-    Each step's loss is divided by S * num_micro_batches, so the gradients of all backward calls
-    of one optimizer step (S per micro-batch) add up to the gradient of the mean over
-    micro-batches of the full loss mean_i(L_pg) + L_kl of ALGORITHM.md section 3. A DeepSpeed
-    `backward` must therefore not scale again (`scale_wrt_gas=False`).
+    The loss of ALGORITHM.md section 3 is a mean over the update's valid samples (policy
+    term) and over all its samples (KL term) of a mean over the S trained steps. Each step's
+    backward gets this batch's share of it (`op_grpo_loss` with the update's sizes, divided
+    by S), so the gradients of all backward calls of one optimizer step add up to the gradient
+    of the update's loss, whatever the micro-batch size and wherever masked rows fall.
+    `update` None: the batch is the whole update. A DeepSpeed `backward` must not scale
+    again (`scale_wrt_gas=False`).
     """
+    update = update or UpdateSize.of(batch.valid)
     steps = trained_steps(spec.num_steps, settings.timestep_fraction)
     sigmas = policy.sigmas(spec.num_steps, spec.height, spec.width)
     embeds = policy.encode_prompts(batch.prompts)
@@ -184,8 +217,10 @@ def accumulate_gradients(
             kl=kl,
             kl_beta=settings.kl_beta,
             off_policy_samples=batch.off_policy_mask.any(dim=1),
+            policy_normaliser=update.valid,
+            kl_normaliser=update.total,
         )
-        backward(result.loss / (len(steps) * num_micro_batches))
+        backward(result.loss / len(steps))
         for key, value in result.stats.items():
             totals[key] = totals.get(key, 0.0) + value / len(steps)
     return totals  # device tensors: `learner.loss.stats_to_floats` reads them in one sync

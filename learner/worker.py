@@ -25,9 +25,11 @@ from learner.loss import stats_to_floats
 from learner.objective import (
     LossSettings,
     MicroBatch,
+    UpdateSize,
     accumulate_gradients,
     rescore_stale,
     trained_steps,
+    update_micro_batches,
 )
 from opgrpo import metrics as M
 from opgrpo.config import Config, torch_threads
@@ -177,18 +179,31 @@ class LearnerWorker:
         for _ in range(self.config.learner.updates_per_step):
             order = list(range(len(rows)))
             rng.shuffle(order)  # ALGORITHM.md 5: shuffle before cutting micro-batches
-            for start in range(0, len(order), mb):
-                idx = order[start : start + mb]
-                batch = MicroBatch.from_trajectories(
-                    [trajectories[i] for i in idx], advantages[idx], valid[idx],
-                    device=self.policy.device)
-                collected.append(stats_to_floats(accumulate_gradients(
-                    self.policy, batch, self.spec, self.settings, self._backward,
-                    num_micro_batches=n_micro // self.config.learner.optimizer_steps_per_pass)))
+            for update in update_micro_batches(order, mb,
+                                               self.config.learner.optimizer_steps_per_pass):
+                size = self._update_size(valid[[i for idx in update for i in idx]])
+                for idx in update:
+                    batch = MicroBatch.from_trajectories(
+                        [trajectories[i] for i in idx], advantages[idx], valid[idx],
+                        device=self.policy.device)
+                    collected.append(stats_to_floats(accumulate_gradients(
+                        self.policy, batch, self.spec, self.settings, self._backward,
+                        update=size)))
         self.version += 1
         return {**nan_mean(collected), M.POLICY_RESCORED_FRACTION: n_stale / max(1, len(rows)),
                 "time/learner_rescore": rescored_s,
                 "time/learner_compute": time.perf_counter() - began}
+
+    def _update_size(self, valid: torch.Tensor) -> UpdateSize:
+        """The update's sample counts over all ranks, per rank (DeepSpeed averages the ranks'
+        gradients), so the loss is the mean over the update's samples of every rank."""
+        if self.world_size == 1:
+            return UpdateSize.of(valid)
+        import torch.distributed as dist
+
+        counts = torch.tensor([float(valid.sum()), float(valid.numel())], dtype=torch.float64)
+        dist.all_reduce(counts)
+        return UpdateSize(float(counts[0]) / self.world_size, float(counts[1]) / self.world_size)
 
     def _any_rank_stale(self, trajectories: list[Trajectory]) -> bool:
         """Whether any rank has samples to re-score. Then every rank runs the forwards over

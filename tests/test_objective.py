@@ -6,7 +6,14 @@ import torch
 
 from learner.advantages import group_advantages
 from learner.loss import op_grpo_loss, sequence_weights
-from learner.objective import LossSettings, MicroBatch, accumulate_gradients, trained_steps
+from learner.objective import (
+    LossSettings,
+    MicroBatch,
+    UpdateSize,
+    accumulate_gradients,
+    trained_steps,
+    update_micro_batches,
+)
 from opgrpo import metrics as M
 from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec, regenerate_from, sample_groups, step_logprob
@@ -105,6 +112,53 @@ def test_replayed_trajectories_carry_sequence_weights_and_kl(setup):
     torch.testing.assert_close(torch.tensor(stats[M.LOSS_SEQ_WEIGHT_MAX]), expected_w[4:].max())
     assert stats[M.LOSS_KL] > 0  # LoRA moved theta away from the reference
     assert not np.isnan(stats[M.LOSS_CLIPFRAC_OFFPOLICY])
+
+
+def _update_gradients(policy, trajs, advantages, valid, order, micro_batch_size, settings):
+    """One optimizer update's gradient, accumulated as the learner does (the shuffled order
+    cut into micro-batches, each backward scaled by the update's sizes)."""
+    policy.transformer.zero_grad()
+    (update,) = update_micro_batches(order, micro_batch_size, 1)
+    size = UpdateSize.of(valid[[i for idx in update for i in idx]])
+    for idx in update:
+        batch = MicroBatch.from_trajectories([trajs[i] for i in idx], advantages[idx],
+                                             valid[idx])
+        accumulate_gradients(policy, batch, SPEC, settings, lambda loss: loss.backward(),
+                             update=size)
+    return _grads(policy)
+
+
+def test_update_gradient_is_independent_of_micro_batches_and_masked_rows(setup):
+    """The loss is the mean over the update's valid samples (and the KL term over all of
+    them): micro-batches of 2, 3 or 6 rows, and any order of the rows, give one gradient.
+    (A mean per micro-batch, then over micro-batches, would weight a sample by how many valid
+    rows share its micro-batch.)"""
+    policy, trajs, adv = setup
+    valid = torch.tensor([True, True, True, False, True, False])  # masked rows 3 and 5
+    saved = policy.trainable_state_dict()
+    with torch.no_grad():  # away from the reference, so that the KL term has a gradient
+        for p in policy.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    settings = LossSettings(kl_beta=0.04)
+    try:
+        reference = _update_gradients(policy, trajs, adv.advantages, valid, list(range(6)), 6,
+                                      settings)
+        for order, size in [(list(range(6)), 2), ([3, 0, 5, 1, 4, 2], 2),
+                            ([5, 3, 0, 1, 2, 4], 3), ([1, 3, 5, 0, 2, 4], 4)]:
+            grads = _update_gradients(policy, trajs, adv.advantages, valid, order, size,
+                                      settings)
+            for a, b in zip(reference, grads):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    finally:
+        policy.load_trainable_state_dict(saved)
+    assert sum(float(g.abs().sum()) for g in reference) > 0
+
+
+def test_update_micro_batches_cuts_the_pass_into_updates():
+    assert update_micro_batches([4, 2, 0, 1, 3, 5], 2, 3) == [[[4, 2]], [[0, 1]], [[3, 5]]]
+    assert update_micro_batches(list(range(5)), 2, 1) == [[[0, 1], [2, 3], [4]]]
+    with pytest.raises(ValueError, match="optimizer_steps_per_pass"):
+        update_micro_batches(list(range(6)), 2, 2)
 
 
 def test_micro_batch_needs_old_logprobs(setup):
