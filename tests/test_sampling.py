@@ -116,6 +116,7 @@ def test_ode_sampling_matches_the_diffusers_pipeline(policy):
     with torch.no_grad():
         reference = policy.pipeline(
             PROMPTS, num_inference_steps=5, guidance_scale=4.5, height=32, width=32,
-            latents=start.clone(), output_type="latent", max_sequence_length=policy.max_sequence_length,
+            latents=start.clone(), output_type="latent",
+            max_sequence_length=policy.max_sequence_length,
         ).images
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
