@@ -156,5 +156,6 @@ class RolloutWorker:
 
         records = [PromptRecord(key, text) for text, key in prompts]
         settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed,
+                                batch_size=self.config.train.eval_batch_size,
                                 height=self.config.model.height, width=self.config.model.width)
         return to_uint8(generate(self.policy, records, settings))

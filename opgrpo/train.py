@@ -86,6 +86,21 @@ def runtime_env(config: Config) -> dict:
     return {"env_vars": env}
 
 
+def prune_checkpoints(directory: Path, keep: int | None, latest_tag: str) -> list[str]:
+    """Delete the oldest `stepN` checkpoints beyond the newest `keep` (never `latest_tag`);
+    returns the deleted tags. `keep` None keeps all."""
+    import shutil
+
+    if keep is None:
+        return []
+    tags = sorted((p.name for p in directory.glob("step*")
+                   if p.is_dir() and p.name[4:].isdigit()), key=lambda name: int(name[4:]))
+    doomed = [t for t in tags[:-keep] if t != latest_tag] if len(tags) > keep else []
+    for tag in doomed:
+        shutil.rmtree(directory / tag)
+    return doomed
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -191,6 +206,8 @@ class Trainer:
         self.last_checkpoint = step
         if with_buffer:
             ray.get(self.buffer.checkpoint_done.remote(step))
+        # only after the new checkpoint is complete (latest.json names it)
+        prune_checkpoints(directory, self.config.train.keep_checkpoints, tag)
 
     def restore(self) -> int:
         """Load the latest checkpoint; returns the first step to run."""

@@ -46,3 +46,15 @@ def test_offloaded_text_encoders_stay_on_the_host_and_give_the_same_embeddings(t
     torch.testing.assert_close(a.prompt_embeds, b.prompt_embeds)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         assert next(getattr(on.pipeline, name).parameters()).device == HOST
+
+
+def test_prune_checkpoints_keeps_the_newest_and_the_latest(tmp_path):
+    from opgrpo.train import prune_checkpoints
+
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"step{step}").mkdir()
+    (tmp_path / "latest.json").write_text("{}")
+    assert prune_checkpoints(tmp_path, None, "step10") == []
+    assert prune_checkpoints(tmp_path, 2, "step10") == ["step2", "step4", "step6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step10", "step8"]
+    assert prune_checkpoints(tmp_path, 1, "step8") == []  # the latest one is never deleted
