@@ -21,7 +21,7 @@ import torch
 
 from actors.rollout import to_uint8
 from learner.loss import stats_to_floats
-from learner.objective import LossSettings, MicroBatch, accumulate_gradients
+from learner.objective import LossSettings, MicroBatch, UpdateSize, accumulate_gradients
 from opgrpo.policies.flux import FluxPolicy
 from opgrpo.policies.sd3 import SD3Policy
 from opgrpo.policies.wan import WanPolicy
@@ -95,7 +95,9 @@ def test_the_loss_and_its_gradients_stay_on_the_device(meta_case):
     batch = MicroBatch.from_trajectories(stored, torch.tensor([1.0, -1.0]),
                                          torch.tensor([True, True]), device=policy.device)
     settings = LossSettings(kl_beta=0.04, timestep_fraction=1.0)
-    stats = accumulate_gradients(policy, batch, spec, settings, lambda loss: loss.backward())
+    # the update's sizes come from the host (the driver's valid flags), not from the device
+    stats = accumulate_gradients(policy, batch, spec, settings, lambda loss: loss.backward(),
+                                 update=UpdateSize(2.0, 2.0))
     assert {t.device for t in stats.values()} == {META}
     grads = [p.grad for p in policy.trainable_parameters()]
     assert grads and all(g is not None and g.device == META for g in grads)
@@ -104,7 +106,8 @@ def test_the_loss_and_its_gradients_stay_on_the_device(meta_case):
     cpu_batch = MicroBatch.from_trajectories(stored, torch.tensor([1.0, -1.0]),
                                              torch.tensor([True, True]))
     with pytest.raises(ValueError, match="micro-batch is on cpu, the policy on meta"):
-        accumulate_gradients(policy, cpu_batch, spec, settings, lambda loss: loss.backward())
+        accumulate_gradients(policy, cpu_batch, spec, settings, lambda loss: loss.backward(),
+                             update=UpdateSize(2.0, 2.0))
 
 
 def test_a_cpu_tensor_in_the_sde_step_is_caught():
