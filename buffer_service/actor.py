@@ -102,7 +102,8 @@ class BufferService:
         self.store = self._redis("open the buffer", lambda: RedisBufferStore(
             self.client, namespace, buffer_config["capacity"], buffer_config["decay_gamma"],
             buffer_config["max_age"], buffer_config["admit_min_advantage"],
-            keep_removed=buffer_config["exact_resume"]))
+            keep_removed=buffer_config["exact_resume"],
+            replayed_winners=buffer_config["replayed_winners"]))
         self.latent_dtype = latent_dtype
         self.busy_s = 0.0  # seconds spent in admit/sample/evict, reported by stats()
         self.outages = 0  # times Redis stopped answering and came back
@@ -137,7 +138,8 @@ class BufferService:
         """Offer group winners of one rollout chunk.
 
         `trajectories` is the chunk's trajectories, passed as an object ref and resolved by
-        Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`.
+        Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`, and a
+        replayed one also `prefix_step` (the insert step of the entry it was replayed from).
         Returns the outcome name of each candidate.
         """
         with self._busy():
@@ -148,7 +150,8 @@ class BufferService:
         payload = encode_trajectories([traj], self.latent_dtype)
         return self._redis("admit a trajectory", lambda: self.store.admit(
             traj.prompt_key, cand["reward"], cand["advantage"], cand["step"],
-            traj.behaviour_version, payload, prompt=traj.prompt))
+            traj.behaviour_version, payload, prompt=traj.prompt,
+            prefix_step=cand.get("prefix_step")))  # absent for a fresh trajectory
 
     @contextlib.contextmanager
     def _busy(self):

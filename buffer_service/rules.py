@@ -8,6 +8,21 @@ Vocabulary (ALGORITHM.md 4):
 - reward: the stored trajectory's reward; priority: the reward decayed by the entry's age.
 - age: training steps since insertion, ``step - insert_step``.
 - gamma: decay factor in (0, 1]; ``max_age``: entries older than this are neither replayed nor kept.
+
+Replayed winners (``buffer.replayed_winners``). A replayed prompt comes back as a mixed
+trajectory: its first K transitions are the stored entry's, drawn long ago by an older policy,
+and only the rest is fresh. If such a trajectory wins its group and were stored as new, with
+``insert_step = now``, its old prefix would start a second life with its age reset to 0: a
+prompt that keeps winning its replays would keep the same stale transitions in the buffer for
+ever, out of reach of the decay and of ``max_age``, which exist precisely to let old
+behaviour-policy data go. So the age of an entry is the age of its oldest transition:
+- ``keep_age`` (default): the candidate carries ``prefix_step``, the insert step of the entry it
+  was replayed from. It competes with its priority decayed from that step, is stored with that
+  insert step (so its order key, decay and ``max_age`` eviction all count from there) and with
+  the prefix's behaviour version; a candidate whose prefix is already past ``max_age`` is
+  rejected (``REJECTED_EXPIRED``).
+- ``exclude``: replayed winners are never admitted (``REJECTED_REPLAYED``); the group adds
+  nothing, and the stored entry ages on.
 """
 
 from __future__ import annotations
@@ -15,9 +30,10 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+
+REPLAYED_WINNERS = ("keep_age", "exclude")  # choices of buffer.replayed_winners
 
 
 def _check_gamma(gamma: float, name: str = "gamma") -> None:
@@ -94,6 +110,8 @@ class AdmissionOutcome(str, Enum):
     REJECTED_LOW_ADVANTAGE = "rejected_low_advantage"  # advantage <= admit_min_advantage
     REJECTED_NOT_BETTER = "rejected_not_better"  # did not beat its own prompt's stored entry
     REJECTED_FULL = "rejected_full"  # buffer full, did not beat the lowest-priority entry
+    REJECTED_EXPIRED = "rejected_expired"  # replayed, and its prefix is older than max_age
+    REJECTED_REPLAYED = "rejected_replayed"  # replayed, and replayed_winners = "exclude"
 
     @property
     def admitted(self) -> bool:
@@ -109,6 +127,12 @@ _ADMITTED = frozenset(
     }
 )
 
+
+def check_replayed_winners(mode: str) -> None:
+    if mode not in REPLAYED_WINNERS:
+        raise ValueError(f"buffer.replayed_winners must be one of {REPLAYED_WINNERS}, got {mode!r}")
+
+
 def decide_admission(
     reward: float,
     advantage: float,
@@ -118,6 +142,10 @@ def decide_admission(
     full: bool,
     gamma: float,
     admit_min_advantage: float = 0.0,
+    *,
+    prefix_step: int | None = None,
+    max_age: int | None = None,
+    replayed_winners: str = "keep_age",
 ) -> AdmissionOutcome:
     """The admission rule of ALGORITHM.md 4 as one pure decision, shared by every backend.
 
@@ -125,18 +153,33 @@ def decide_admission(
         stored: the entry already stored for the candidate's prompt, if any.
         lowest: the lowest-priority entry (needed only when no entry is stored and `full`).
         full: whether the buffer holds `capacity` entries.
+        prefix_step: for a replayed (mixed) candidate, the insert step of the entry its prefix
+            came from; None for a fresh one. The candidate is then as old as its prefix (see
+            the module docstring): it competes with ``decayed_priority(reward, step -
+            prefix_step)``, and one already past `max_age` is rejected.
     """
+    insert_step = step
+    if prefix_step is not None:
+        if not 0 <= prefix_step <= step:
+            raise ValueError(f"prefix_step must be in [0, step={step}], got {prefix_step}; "
+                             "pass the insert step of the entry the sample was replayed from")
+        if replayed_winners == "exclude":
+            return AdmissionOutcome.REJECTED_REPLAYED
+        if max_age is not None and step - prefix_step > max_age:
+            return AdmissionOutcome.REJECTED_EXPIRED
+        insert_step = prefix_step
     if advantage <= admit_min_advantage:
         return AdmissionOutcome.REJECTED_LOW_ADVANTAGE
+    priority = decayed_priority(reward, step - insert_step, gamma)  # = reward when fresh
     if stored is not None:
-        if reward > decayed_priority(stored.reward, step - stored.insert_step, gamma):
+        if priority > decayed_priority(stored.reward, step - stored.insert_step, gamma):
             return AdmissionOutcome.REPLACED_SAME_PROMPT
         return AdmissionOutcome.REJECTED_NOT_BETTER
     if not full:
         return AdmissionOutcome.INSERTED
     if lowest is None:
         raise ValueError("a full buffer must pass its lowest-priority entry")
-    if reward > decayed_priority(lowest.reward, step - lowest.insert_step, gamma):
+    if priority > decayed_priority(lowest.reward, step - lowest.insert_step, gamma):
         return AdmissionOutcome.REPLACED_LOWEST
     return AdmissionOutcome.REJECTED_FULL
 
@@ -154,8 +197,9 @@ class ReplayBufferRules:
     - ``_heap``: min-heap of (order key, seq, prompt_key). Removing from the middle of a heap is
       O(n), so removed or replaced entries are left in place and skipped when they reach the top
       (lazy invalidation); ``_live_seq`` tells which seq is current for each prompt.
-    - ``_by_insert``: prompt keys from oldest to newest insert step. Steps never go backwards,
-      so expired entries form a prefix and ``evict_expired`` only touches those.
+    - ``_by_age``: min-heap of (insert step, seq, prompt_key), lazy in the same way. A replayed
+      winner is stored with its prefix's older insert step, so entries do not arrive in age
+      order; the heap still gives the oldest first and ``evict_expired`` only touches those.
     """
 
     def __init__(
@@ -164,6 +208,7 @@ class ReplayBufferRules:
         gamma: float = 0.99,
         max_age: int | None = None,
         admit_min_advantage: float = 0.0,
+        replayed_winners: str = "keep_age",
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"buffer.capacity must be > 0, got {capacity!r}")
@@ -178,7 +223,9 @@ class ReplayBufferRules:
             raise ValueError(
                 f"buffer.admit_min_advantage must be a finite number, got {admit_min_advantage!r}"
             )
+        check_replayed_winners(replayed_winners)
         self.capacity = capacity
+        self.replayed_winners = replayed_winners
         self.gamma = float(gamma)
         self.max_age = max_age
         self.admit_min_advantage = float(admit_min_advantage)
@@ -187,7 +234,7 @@ class ReplayBufferRules:
         self._heap: list[tuple[tuple[int, float], int, str]] = []
         self._live_seq: dict[str, int] = {}
         self._next_seq = 0
-        self._by_insert: OrderedDict[str, None] = OrderedDict()
+        self._by_age: list[tuple[int, int, str]] = []
         self._last_step: int | None = None
         # evictions counts max_age evictions only; entries pushed out by a better candidate
         # are counted under replacements.
@@ -208,7 +255,8 @@ class ReplayBufferRules:
 
     def entries(self) -> list[BufferEntry]:
         """Stored entries, oldest insert first (a copy; entries themselves are frozen)."""
-        return [self._entries[key] for key in self._by_insert]
+        order = sorted((e.insert_step, self._live_seq[k], k) for k, e in self._entries.items())
+        return [self._entries[key] for _, _, key in order]
 
     def get(self, prompt_key: str) -> BufferEntry | None:
         """The stored entry for ``prompt_key``, or None."""
@@ -241,6 +289,7 @@ class ReplayBufferRules:
         step: int,
         weight_version: int,
         payload: object = None,
+        prefix_step: int | None = None,
     ) -> AdmissionOutcome:
         """Offer a group's best trajectory to the buffer at training step ``step``.
 
@@ -248,6 +297,10 @@ class ReplayBufferRules:
         ``advantage > admit_min_advantage``; if the prompt is stored, replace it iff ``reward``
         beats its decayed priority; else insert if there is room; else replace the lowest-priority
         entry iff ``reward`` beats its decayed priority.
+
+        ``prefix_step``: for a replayed (mixed) trajectory, the insert step of the entry it was
+        replayed from (None for a fresh one). Under ``keep_age`` it is stored with that insert
+        step and competes with its reward decayed from it; under ``exclude`` it is rejected.
         """
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward!r} for prompt {prompt_key!r}")
@@ -256,12 +309,14 @@ class ReplayBufferRules:
         self._advance_to(step)
         self._evict_expired(step)
 
-        candidate = BufferEntry(prompt_key, float(reward), step, weight_version, payload)
+        insert_step = step if prefix_step is None else prefix_step
+        candidate = BufferEntry(prompt_key, float(reward), insert_step, weight_version, payload)
         stored = self._entries.get(prompt_key)
         full = len(self._entries) >= self.capacity
         lowest = self.lowest_entry() if stored is None and full else None
         outcome = decide_admission(
-            reward, advantage, step, stored, lowest, full, self.gamma, self.admit_min_advantage
+            reward, advantage, step, stored, lowest, full, self.gamma, self.admit_min_advantage,
+            prefix_step=prefix_step, max_age=self.max_age, replayed_winners=self.replayed_winners,
         )
         if not outcome.admitted:
             return self._reject(outcome)
@@ -275,7 +330,7 @@ class ReplayBufferRules:
     def evict_expired(self, step: int) -> list[str]:
         """Remove entries older than ``max_age`` at ``step``; return their prompt keys.
 
-        Costs O(evicted * log capacity): only the expired prefix of the insertion order is read.
+        Costs O(evicted * log capacity): only the expired oldest entries are read.
         """
         self._advance_to(step)
         return self._evict_expired(step)
@@ -297,8 +352,8 @@ class ReplayBufferRules:
     # ----- internals -----------------------------------------------------------------------
 
     def _advance_to(self, step: int) -> None:
-        # Insert steps must be non-decreasing for _by_insert to be sorted by age and for the
-        # order keys to be compared at a step >= every insert step.
+        # Steps must be non-decreasing for the order keys to be compared at a step >= every
+        # insert step (a replayed winner's insert step is older still, never newer).
         if self._last_step is not None and step < self._last_step:
             raise ValueError(
                 f"step went backwards: got {step} after {self._last_step}; "
@@ -313,10 +368,14 @@ class ReplayBufferRules:
 
     def _evict_expired(self, step: int) -> list[str]:
         evicted: list[str] = []
-        while self._by_insert:
-            oldest = next(iter(self._by_insert))
+        heap = self._by_age
+        while heap:
+            _, seq, oldest = heap[0]
+            if self._live_seq.get(oldest) != seq:
+                heapq.heappop(heap)  # stale: its entry was replaced or evicted
+                continue
             if not self._is_expired(oldest, step):
-                break  # every later entry was inserted no earlier, so none is expired either
+                break  # every other entry was inserted no earlier, so none is expired either
             self._remove(oldest)
             evicted.append(oldest)
         self.stats["evictions"] += len(evicted)
@@ -327,18 +386,24 @@ class ReplayBufferRules:
         self._next_seq += 1
         self._entries[entry.prompt_key] = entry
         self._live_seq[entry.prompt_key] = seq
-        self._by_insert[entry.prompt_key] = None  # newest: goes to the end
+        heapq.heappush(self._by_age, (entry.insert_step, seq, entry.prompt_key))
         order_key = priority_order_key(entry.reward, entry.insert_step, self.gamma)
         # seq breaks ties between equal priorities in favour of evicting the older entry.
         heapq.heappush(self._heap, (order_key, seq, entry.prompt_key))
 
     def _remove(self, prompt_key: str) -> None:
         del self._entries[prompt_key]
-        del self._live_seq[prompt_key]  # its heap item becomes stale
-        del self._by_insert[prompt_key]
+        del self._live_seq[prompt_key]  # its items in both heaps become stale
         if len(self._heap) > 2 * len(self._entries) + _HEAP_SLACK:
-            self._heap = [item for item in self._heap if self._live_seq.get(item[2]) == item[1]]
-            heapq.heapify(self._heap)
+            self._heap = self._live_items(self._heap)
+        if len(self._by_age) > 2 * len(self._entries) + _HEAP_SLACK:
+            self._by_age = self._live_items(self._by_age)
+
+    def _live_items(self, heap: list) -> list:
+        """`heap` without its stale items, as a heap (items end with (seq, prompt_key))."""
+        live = [item for item in heap if self._live_seq.get(item[2]) == item[1]]
+        heapq.heapify(live)
+        return live
 
     def _admitted(self, outcome: AdmissionOutcome) -> AdmissionOutcome:
         self.stats["admissions"] += 1

@@ -1,12 +1,16 @@
 """The replay buffer kept in Redis, deciding with the pure rules of `buffer_service.rules`.
 
 Layout under a namespace `ns` (one per run):
-- `ns:entry:<prompt key>`: hash {reward, insert_step, version, payload, sum[, prompt]}; payload
-  is the trajectory as Arrow IPC bytes (never pickle: nothing read back can run code), sum its
-  blake2b digest (a damaged entry is detected, evicted and counted, never used).
+- `ns:entry:<prompt key>`: hash {reward, insert_step, admitted, version, payload, sum[, prompt]};
+  payload is the trajectory as Arrow IPC bytes (never pickle: nothing read back can run code),
+  sum its blake2b digest (a damaged entry is detected, evicted and counted, never used).
+  insert_step is the step of the entry's oldest transition (a replayed winner keeps its
+  prefix's, see `buffer_service.rules`); admitted is the step it was written.
 - `ns:order`: sorted set, member = prompt key, score = `order_score` (time-invariant, so decay
   costs no writes: the lowest-priority entry is always the first member).
 - `ns:age`: sorted set, member = prompt key, score = insert step (max_age eviction).
+- `ns:admitted`: sorted set, member = prompt key, score = the step it was admitted (rollback:
+  a replayed winner admitted after a checkpoint may carry an insert step before it).
 - `ns:stats`: hash of counters (admissions, replacements, evictions, rejections).
 - `ns:config`: hash of capacity and gamma; reopening with another gamma is refused because the
   stored order scores depend on it.
@@ -35,6 +39,7 @@ import redis
 from buffer_service.rules import (
     AdmissionOutcome,
     BufferEntry,
+    check_replayed_winners,
     decide_admission,
     priority_order_key,
 )
@@ -104,9 +109,11 @@ class RedisBufferStore:
         max_age: int | None = None,
         admit_min_advantage: float = 0.0,
         keep_removed: bool = True,
+        replayed_winners: str = "keep_age",
     ) -> None:
         if capacity < 1:
             raise ValueError(f"buffer.capacity must be > 0, got {capacity}")
+        check_replayed_winners(replayed_winners)
         self.client = client
         self.ns = namespace
         self.capacity = capacity
@@ -114,7 +121,9 @@ class RedisBufferStore:
         self.max_age = max_age
         self.admit_min_advantage = admit_min_advantage
         self.keep_removed = keep_removed
+        self.replayed_winners = replayed_winners
         self._order, self._age = f"{namespace}:order", f"{namespace}:age"
+        self._admitted = f"{namespace}:admitted"
         self._stats, self._config = f"{namespace}:stats", f"{namespace}:config"
         self._gone, self._gone_seq = f"{namespace}:gone", f"{namespace}:gone_seq"
         self._stats_at = f"{namespace}:stats_at"
@@ -185,6 +194,7 @@ class RedisBufferStore:
             tx.zadd(self._gone, {name: step})
         tx.zrem(self._order, prompt_key)
         tx.zrem(self._age, prompt_key)
+        tx.zrem(self._admitted, prompt_key)
 
     def _remove_many(self, keys: list[str], count_as: str | None = None,
                      step: int | None = None) -> None:
@@ -202,11 +212,14 @@ class RedisBufferStore:
             tx.execute()
 
     def remove_inserted_after(self, step: int) -> list[str]:
-        """Remove entries inserted after `step`: on resume from a checkpoint at `step`, they
-        belong to steps that will be run again (their ages would be negative)."""
-        later = [k.decode() for k in self.client.zrangebyscore(self._age, f"({step}", "+inf")]
-        self._remove_many(later)
-        return later
+        """Remove entries admitted after `step`: on resume from a checkpoint at `step`, they
+        belong to steps that will be run again. A replayed winner may be admitted after `step`
+        with an insert step before it, hence `ns:admitted`; `ns:age` covers buffers written
+        before that index existed (their entries were admitted at their insert step)."""
+        later = {k.decode() for index in (self._age, self._admitted)
+                 for k in self.client.zrangebyscore(index, f"({step}", "+inf")}
+        self._remove_many(sorted(later))
+        return sorted(later)
 
     # ----- checkpoints ---------------------------------------------------------------------
     def commit(self, step: int) -> None:
@@ -239,16 +252,18 @@ class RedisBufferStore:
         restored = discarded = 0
         for raw_name, removed_at in self.client.zrange(self._gone, 0, -1, withscores=True):
             name = raw_name.decode()
-            key, inserted = self.client.hmget(name, "key", "insert_step")
+            key, inserted, admitted = self.client.hmget(name, "key", "insert_step", "admitted")
+            admitted = admitted if admitted is not None else inserted
             with self.client.pipeline(transaction=True) as tx:
-                if (removed_at > step and key is not None and inserted is not None
-                        and int(inserted) <= step):
+                if (removed_at > step and key is not None and admitted is not None
+                        and int(admitted) <= step):
                     prompt_key, reward = key.decode(), float(self.client.hget(name, "reward"))
                     tx.rename(name, self._entry_key(prompt_key))
                     tx.hdel(self._entry_key(prompt_key), "key")
                     tx.zadd(self._order, {prompt_key: order_score(reward, int(inserted),
                                                                   self.gamma)})
                     tx.zadd(self._age, {prompt_key: int(inserted)})
+                    tx.zadd(self._admitted, {prompt_key: int(admitted)})
                     restored += 1
                 else:
                     tx.delete(name)
@@ -272,31 +287,40 @@ class RedisBufferStore:
         weight_version: int,
         payload: bytes,
         prompt: str | None = None,
+        prefix_step: int | None = None,
     ) -> AdmissionOutcome:
-        """Offer a group's best trajectory (ALGORITHM.md 4), atomically."""
+        """Offer a group's best trajectory (ALGORITHM.md 4), atomically.
+
+        `prefix_step`: for a replayed (mixed) trajectory, the insert step of the entry it was
+        replayed from, None for a fresh one; as in `ReplayBufferRules.admit`."""
         if not math.isfinite(reward) or math.isnan(advantage):
             raise ValueError(f"prompt {prompt_key!r}: reward and advantage must be finite")
         self.evict_expired(step)
+        inserted = step if prefix_step is None else prefix_step
         entry_key = self._entry_key(prompt_key)
         digest = payload_digest(payload)
         with self.client.pipeline(transaction=True) as tx:
             while True:
                 try:
                     tx.watch(entry_key, self._order)
-                    outcome, victim = self._decide(tx, prompt_key, reward, advantage, step)
+                    outcome, victim = self._decide(tx, prompt_key, reward, advantage, step,
+                                                   prefix_step)
                     name = (self._gone_names(1)[0] if victim is not None and self.keep_removed
                             else None)
                     tx.multi()
                     if outcome.admitted:
                         if victim is not None:
                             self._retire(tx, victim, name, step)
-                        fields = {"reward": repr(float(reward)), "insert_step": step,
-                                  "version": weight_version, "payload": payload, "sum": digest}
+                        fields = {"reward": repr(float(reward)), "insert_step": inserted,
+                                  "admitted": step, "version": weight_version,
+                                  "payload": payload, "sum": digest}
                         if prompt is not None:
                             fields["prompt"] = prompt
                         tx.hset(entry_key, mapping=fields)
-                        tx.zadd(self._order, {prompt_key: order_score(reward, step, self.gamma)})
-                        tx.zadd(self._age, {prompt_key: step})
+                        tx.zadd(self._order,
+                                {prompt_key: order_score(reward, inserted, self.gamma)})
+                        tx.zadd(self._age, {prompt_key: inserted})
+                        tx.zadd(self._admitted, {prompt_key: step})
                         tx.hincrby(self._stats, "admissions", 1)
                         if outcome is not AdmissionOutcome.INSERTED:
                             tx.hincrby(self._stats, "replacements", 1)
@@ -307,7 +331,7 @@ class RedisBufferStore:
                 except redis.WatchError:
                     continue  # another writer changed the watched keys: decide again
 
-    def _decide(self, tx, prompt_key, reward, advantage, step):
+    def _decide(self, tx, prompt_key, reward, advantage, step, prefix_step):
         stored = self._meta(tx, prompt_key)
         full = int(tx.zcard(self._order)) >= self.capacity
         lowest = None
@@ -315,7 +339,8 @@ class RedisBufferStore:
             (first,) = tx.zrange(self._order, 0, 0)
             lowest = self._meta(tx, first.decode())
         outcome = decide_admission(reward, advantage, step, stored, lowest, full, self.gamma,
-                                   self.admit_min_advantage)
+                                   self.admit_min_advantage, prefix_step=prefix_step,
+                                   max_age=self.max_age, replayed_winners=self.replayed_winners)
         victim = None
         if outcome is AdmissionOutcome.REPLACED_SAME_PROMPT:
             victim = prompt_key
@@ -359,5 +384,5 @@ class RedisBufferStore:
     def clear(self) -> None:
         keys = [self._entry_key(k) for k in self.keys()]
         gone = self.client.zrange(self._gone, 0, -1)
-        self.client.delete(*keys, *gone, self._order, self._age, self._stats, self._config,
-                           self._gone, self._gone_seq, self._stats_at)
+        self.client.delete(*keys, *gone, self._order, self._age, self._admitted, self._stats,
+                           self._config, self._gone, self._gone_seq, self._stats_at)

@@ -165,6 +165,11 @@ class BufferConfig(_Section):
     decay_gamma: float = Field(0.99, gt=0, le=1, description="Stepwise priority decay gamma.")
     max_age: int | None = Field(None, ge=1, description="Entries older than this are evicted.")
     admit_min_advantage: float = Field(0.0, description="Admit a group's best only above this.")
+    replayed_winners: Literal["keep_age", "exclude"] = Field(
+        "keep_age", description="A replayed (mixed) trajectory that wins its group: `keep_age` "
+        "offers it as old as its buffer prefix (stored with the prefix's insert step, so decay "
+        "and max_age count from there and replay cannot reset them; rejected if the prefix is "
+        "past max_age); `exclude` admits nothing for that group.")
     truncate_step: int | None = Field(
         None, ge=1, description="Replayed transitions kept (K); default round(0.7*T)."
     )

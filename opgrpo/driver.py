@@ -44,6 +44,9 @@ class SampleInfo:
     behaviour_version: int  # of the stored prefix for a replayed sample
     rollout_version: int = -1  # of the actor that drew the fresh steps (known once drawn)
     reward: float = float("nan")
+    # a replayed sample: insert step of the buffer entry its prefix came from (its age counts
+    # from there if it is admitted again, see buffer_service.rules); None for a fresh one
+    prefix_insert_step: int | None = None
 
 
 @dataclass
@@ -88,6 +91,14 @@ def replay_count(rho: float, n_prompts: int, seed: int, step: int) -> int:
     return min(n_prompts - 1, whole + int(extra))
 
 
+def replayed_samples(chunk: int, replay_meta: list[dict]) -> list[SampleInfo]:
+    """The replayed chunk's samples, one group each, from the buffer's sample metadata: each
+    keeps the behaviour version and insert step of the entry its prefix was drawn from."""
+    return [SampleInfo(chunk, i, i, m["prompt_key"], True, int(m["version"]),
+                       prefix_insert_step=int(m["insert_step"]))
+            for i, m in enumerate(replay_meta)]
+
+
 class Iteration:
     """Launches the work of one iteration on the actor pools (no waiting on hot paths)."""
 
@@ -129,8 +140,7 @@ class Iteration:
             refs = self.rollout.worker(c).regenerate.options(num_returns=3).remote(
                 payload_ref, cfg.truncate_step, seeds, version)
             self._add_chunk(out, refs, [r.text for r in replayed])
-            out.samples += [SampleInfo(c, i, i, r.key, True, int(m["version"]))
-                            for i, (r, m) in enumerate(zip(replayed, replay_meta))]
+            out.samples += replayed_samples(c, replay_meta)
         return out
 
     def _add_chunk(self, out: Rollout, refs, texts: list[str]) -> None:
@@ -172,7 +182,11 @@ def advantages_of(config: Config, samples: list[SampleInfo]):
 
 
 def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
-    """Offer each group's highest-reward trajectory to the buffer (refs, not waited on)."""
+    """Offer each group's highest-reward trajectory to the buffer (refs, not waited on).
+
+    A replayed winner is offered with `prefix_step`, the insert step of the entry it came from:
+    the buffer then keeps its age (or, under `buffer.replayed_winners = exclude`, rejects it).
+    """
     best: dict[int, int] = {}
     for i, s in enumerate(samples):
         if not np.isfinite(s.reward):
@@ -182,9 +196,14 @@ def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
     by_chunk: dict[int, list[dict]] = {}
     for i in best.values():
         s = samples[i]
-        by_chunk.setdefault(s.chunk, []).append({
-            "index": s.index, "reward": s.reward, "advantage": float(adv.advantages[i]),
-            "step": step})
+        candidate = {"index": s.index, "reward": s.reward, "advantage": float(adv.advantages[i]),
+                     "step": step}
+        if s.replayed:
+            if s.prefix_insert_step is None:  # offered as fresh, its old prefix would look new
+                raise ValueError(f"replayed sample of prompt {s.prompt_key!r} has no "
+                                 "prefix_insert_step; set it from the buffer's sample metadata")
+            candidate["prefix_step"] = s.prefix_insert_step
+        by_chunk.setdefault(s.chunk, []).append(candidate)
     return [buffer.admit.remote(rollout.trajectories[c], cands)
             for c, cands in sorted(by_chunk.items())]
 

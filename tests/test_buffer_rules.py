@@ -15,6 +15,7 @@ from buffer_service.rules import (
     BufferEntry,
     ReplayBufferRules,
     decayed_priority,
+    decide_admission,
     priority_order_key,
 )
 
@@ -178,7 +179,7 @@ def test_stats_and_admitted_flag():
     assert [o.admitted for o in outcomes] == [True, True, True, False, False]
     assert buf.evict_expired(5) == ["b"]
     assert buf.stats == {"admissions": 3, "replacements": 2, "evictions": 1, "rejections": 2}
-    assert len({o.value for o in Outcome}) == len(Outcome) == 6
+    assert len({o.value for o in Outcome}) == len(Outcome) == 8
 
 
 def test_entry_is_frozen_and_payload_not_compared():
@@ -350,7 +351,7 @@ def test_order_key_agrees_with_decayed_priority(pairs, extra, gamma):
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "admit", "admit", "evict", "sample"]),
+        st.sampled_from(["admit", "admit", "admit", "replay", "evict", "sample"]),
         st.integers(0, 6),  # prompt index: few prompts so the same-prompt path is common
         st.one_of(st.sampled_from([-1.0, 0.0, 0.5, 1.0]), st.floats(-3, 3)),
         st.sampled_from([-0.5, 0.0, 0.2, 1.0]),  # advantage
@@ -391,8 +392,11 @@ def test_random_operation_sequences_keep_the_rules(
             assert set(drawn) <= set(alive)
         else:
             key = f"p{prompt_idx}"
-            out = buf.admit(key, reward, advantage, step, weight_version=step)
-            _check_admission(buf, key, reward, advantage, step, out, alive, prio)
+            prefix_step = None
+            if op == "replay":  # a mixed trajectory from the stored entry, or from one since gone
+                prefix_step = before[key].insert_step if key in before else max(0, step - 4)
+            out = buf.admit(key, reward, advantage, step, step, prefix_step=prefix_step)
+            _check_admission(buf, key, reward, advantage, step, out, alive, prio, prefix_step)
 
         # Invariants after every operation.
         keys = [e.prompt_key for e in buf.entries()]
@@ -410,18 +414,24 @@ def test_random_operation_sequences_keep_the_rules(
             )
 
 
-def _check_admission(buf, key, reward, advantage, step, out, alive, prio):
-    """Check one admit() against a brute-force reading of ALGORITHM.md 4."""
+def _check_admission(buf, key, reward, advantage, step, out, alive, prio, prefix_step=None):
+    """Check one admit() against a brute-force reading of ALGORITHM.md 4: a replayed candidate
+    (prefix_step given) is as old as its prefix."""
+    inserted = step if prefix_step is None else prefix_step
+    reward_now = decayed_priority(reward, step - inserted, buf.gamma)
     after = {e.prompt_key: e for e in buf.entries()}
     if not out.admitted:
         assert after == alive, "a rejection must leave the (unexpired) buffer unchanged"
     else:
-        assert after[key] == BufferEntry(key, reward, step, step)
-        # Anything that vanished (other than by expiry) lost to a strictly higher reward.
+        assert after[key] == BufferEntry(key, reward, inserted, step)
+        # Anything that vanished (other than by expiry) lost to a strictly higher priority.
         for lost in set(alive) - (set(after) - {key}):
-            assert reward > prio[lost]
+            assert reward_now > prio[lost]
+    reward = reward_now  # what the candidate competes with
 
-    if advantage <= buf.admit_min_advantage:
+    if buf.max_age is not None and step - inserted > buf.max_age:
+        assert out is Outcome.REJECTED_EXPIRED
+    elif advantage <= buf.admit_min_advantage:
         assert out is Outcome.REJECTED_LOW_ADVANTAGE
     elif key in alive:
         expected = (
@@ -440,3 +450,72 @@ def _check_admission(buf, key, reward, advantage, step, out, alive, prio):
         else:
             assert out is Outcome.REJECTED_FULL
             assert reward <= brute_min + tol
+
+
+# ----- replayed winners: age is the age of the oldest transition ----------------------------
+
+
+def test_a_replayed_candidate_competes_with_its_reward_decayed_from_its_prefix():
+    stored = BufferEntry("a", 0.8, 5, 0)  # at step 10: 0.8 * 0.9**5 = 0.472
+    fresh = decide_admission(0.9, 1.0, 10, stored, None, False, 0.9)
+    replayed = decide_admission(0.9, 1.0, 10, stored, None, False, 0.9, prefix_step=0)
+    assert fresh is Outcome.REPLACED_SAME_PROMPT
+    assert replayed is Outcome.REJECTED_NOT_BETTER  # 0.9 * 0.9**10 = 0.314 < 0.472
+    lowest = BufferEntry("b", 0.4, 10, 0)
+    assert decide_admission(0.9, 1.0, 10, None, lowest, True, 0.9) is Outcome.REPLACED_LOWEST
+    assert (decide_admission(0.9, 1.0, 10, None, lowest, True, 0.9, prefix_step=0)
+            is Outcome.REJECTED_FULL)
+    assert (decide_admission(0.9, 1.0, 10, None, None, False, 0.9, prefix_step=6, max_age=3)
+            is Outcome.REJECTED_EXPIRED)
+    assert (decide_admission(0.9, 1.0, 10, None, None, False, 0.9, prefix_step=7, max_age=3)
+            is Outcome.INSERTED)
+    assert (decide_admission(0.9, 1.0, 10, None, None, False, 0.9, prefix_step=7,
+                             replayed_winners="exclude") is Outcome.REJECTED_REPLAYED)
+    with pytest.raises(ValueError, match="prefix_step"):
+        decide_admission(0.9, 1.0, 10, None, None, False, 0.9, prefix_step=11)
+
+
+def test_a_replayed_winner_keeps_its_prefixs_insert_step_decay_and_max_age():
+    buf = ReplayBufferRules(capacity=4, gamma=0.9, max_age=6)
+    buf.admit("a", 0.5, 1.0, 2, weight_version=2)
+    buf.admit("b", 0.9, 1.0, 4, weight_version=4)
+    assert buf.admit("a", 1.0, 1.0, 5, 3, prefix_step=2) is Outcome.REPLACED_SAME_PROMPT
+    assert buf.get("a") == BufferEntry("a", 1.0, 2, 3)  # stored as old as its prefix
+    assert close(buf.priority("a", 7), 1.0 * 0.9**5)
+    # the order key counts from step 2 too. At step 7: a 0.59, b 0.66, c 0.6 (stored at step 5,
+    # a would be 0.81 and c the lowest)
+    buf.admit("c", 0.6, 1.0, 7, 7)
+    assert buf.lowest_entry().prompt_key == "a"
+    assert [e.prompt_key for e in buf.entries()] == ["a", "b", "c"]  # oldest insert first
+    assert buf.evict_expired(8) == []
+    assert buf.evict_expired(9) == ["a"]  # 7 > max_age steps after step 2 (4 after step 5)
+    # a prefix already past max_age (from an entry since replaced) is not stored again
+    assert buf.admit("c", 2.0, 1.0, 10, 9, prefix_step=3) is Outcome.REJECTED_EXPIRED
+    assert buf.get("c") == BufferEntry("c", 0.6, 7, 7) and buf.stats["rejections"] == 1
+
+
+def test_repeated_replays_cannot_keep_a_prompt_for_ever():
+    """Every time "p" is replayed its mixed trajectory wins and is offered again; it must still
+    leave the buffer max_age steps after its first insertion."""
+    buf = ReplayBufferRules(capacity=8, gamma=0.99, max_age=5)
+    buf.admit("p", 0.2, 1.0, 0, 0)
+    present = []
+    for step in range(1, 30):
+        buf.evict_expired(step)
+        (entry,) = buf.sample(1, step, random.Random(step)) or (None,)
+        if entry is not None:  # the replayed trajectory scores better than before
+            buf.admit("p", entry.reward + 0.1, 1.0, step, step, prefix_step=entry.insert_step)
+        present.append("p" in buf)
+        assert "p" not in buf or buf.get("p").insert_step == 0
+    assert present == [True] * 5 + [False] * 24
+
+
+def test_exclude_never_admits_a_replayed_winner():
+    buf = ReplayBufferRules(capacity=2, gamma=0.9, replayed_winners="exclude")
+    buf.admit("a", 0.1, 1.0, 0, 0)
+    assert buf.admit("a", 5.0, 1.0, 3, 0, prefix_step=0) is Outcome.REJECTED_REPLAYED
+    assert buf.admit("b", 5.0, 1.0, 3, 0, prefix_step=1) is Outcome.REJECTED_REPLAYED
+    assert buf.entries() == [BufferEntry("a", 0.1, 0, 0)] and buf.stats["rejections"] == 2
+    assert buf.admit("a", 5.0, 1.0, 3, 3) is Outcome.REPLACED_SAME_PROMPT  # fresh: as before
+    with pytest.raises(ValueError, match="buffer.replayed_winners"):
+        ReplayBufferRules(capacity=2, replayed_winners="drop")

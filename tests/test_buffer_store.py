@@ -183,3 +183,102 @@ def test_damaged_entries_are_evicted_counted_and_skipped(server):
         assert [e.prompt_key for e in store.sample(2, 3, random.Random(0))] == ["e"]
     finally:
         store.clear()
+
+
+# ----- replayed winners: age is the age of the oldest transition (buffer_service.rules) -----
+
+
+def test_a_replayed_winner_is_stored_as_old_as_its_prefix(server):
+    store = RedisBufferStore(server, "t-replayed", capacity=4, gamma=0.9, max_age=6)
+    try:
+        store.admit("a", 0.5, 1.0, 2, 2, b"a@2")
+        # at step 7 a is 0.5 * 0.9**5 = 0.30; the replayed 0.9 from a prefix of step 2 is
+        # 0.9 * 0.9**5 = 0.53: it wins, and stays as old as its prefix
+        assert store.admit("a", 0.9, 1.0, 7, 3, b"a@7", prefix_step=2) is (
+            AdmissionOutcome.REPLACED_SAME_PROMPT)
+        entry = store.get("a")
+        assert (entry.insert_step, entry.weight_version, entry.payload) == (2, 3, b"a@7")
+        assert server.zscore(store._order, "a") == order_score(0.9, 2, 0.9)
+        assert server.zscore(store._age, "a") == 2
+        store.admit("b", 0.2, 1.0, 8, 8, b"b")
+        assert [e.prompt_key for e in store.sample(4, 9, random.Random(0))] == ["b"]
+        assert store.evict_expired(9) == ["a"]  # 7 steps after its prefix, 2 after admission
+        assert store.admit("b", 5.0, 1.0, 9, 9, b"b2", prefix_step=1) is (
+            AdmissionOutcome.REJECTED_EXPIRED)
+        assert store.get("b").payload == b"b" and store.stats()["rejections"] == 1
+    finally:
+        store.clear()
+
+
+def test_repeated_replays_cannot_keep_a_prompt_for_ever_in_redis(server):
+    store = RedisBufferStore(server, "t-forever", capacity=8, gamma=0.99, max_age=5)
+    try:
+        store.admit("p", 0.2, 1.0, 0, 0, b"p@0")
+        present = []
+        for step in range(1, 30):
+            store.evict_expired(step)
+            for entry in store.sample(1, step, random.Random(step)):  # replayed, and it wins
+                store.admit("p", entry.reward + 0.1, 1.0, step, step, f"p@{step}".encode(),
+                            prefix_step=entry.insert_step)
+            present.append(store.keys() == ["p"])
+            assert not present[-1] or store.get("p").insert_step == 0
+        assert present == [True] * 5 + [False] * 24
+    finally:
+        store.clear()
+
+
+def test_exclude_never_admits_a_replayed_winner_in_redis(server):
+    store = RedisBufferStore(server, "t-exclude", capacity=2, gamma=0.9,
+                             replayed_winners="exclude")
+    try:
+        store.admit("a", 0.1, 1.0, 0, 0, b"a")
+        assert store.admit("a", 5.0, 1.0, 3, 0, b"a2", prefix_step=0) is (
+            AdmissionOutcome.REJECTED_REPLAYED)
+        assert store.keys() == ["a"] and store.get("a").payload == b"a"
+        assert store.stats()["rejections"] == 1
+    finally:
+        store.clear()
+
+
+def test_same_decisions_as_the_pure_rules_with_replays(server):
+    rng = random.Random(11)
+    for mode in ("keep_age", "exclude"):
+        rules = ReplayBufferRules(capacity=4, gamma=0.9, max_age=6, replayed_winners=mode)
+        store = RedisBufferStore(server, f"t-cmp-{mode}", capacity=4, gamma=0.9, max_age=6,
+                                 replayed_winners=mode)
+        try:
+            for step in range(60):
+                key = f"p{rng.randrange(8)}"
+                stored = rules.get(key)
+                prefix = None
+                if rng.random() < 0.5:  # replayed: from its stored entry or one since gone
+                    prefix = stored.insert_step if stored else max(0, step - rng.randrange(9))
+                reward, advantage = rng.uniform(-1, 1), rng.uniform(-0.5, 2)
+                expected = rules.admit(key, reward, advantage, step, step, prefix_step=prefix)
+                got = store.admit(key, reward, advantage, step, step, b"t", prefix_step=prefix)
+                assert got is expected, (mode, step, key)
+                kept = store.keys()
+                assert {k: store.get(k).insert_step for k in kept} == {
+                    e.prompt_key: e.insert_step for e in rules.entries()}
+            assert store.stats() == {**rules.stats, "corrupted": 0}
+        finally:
+            store.clear()
+
+
+def test_rollback_undoes_a_replayed_winner_admitted_after_the_checkpoint(server):
+    """Its insert step is before the checkpoint, but it was admitted after it."""
+    store = RedisBufferStore(server, "t-rollback-replayed", capacity=2, gamma=0.9)
+    try:
+        store.admit("a", 0.5, 1.0, 1, 1, b"a@1")
+        store.admit("b", 0.5, 1.0, 2, 2, b"b@2")
+        store.commit(3)
+        store.purge_removed(3)
+        at_checkpoint = _snapshot(store, server), server.zrange(store._admitted, 0, -1)
+        store.admit("a", 0.9, 1.0, 5, 5, b"a@5", prefix_step=1)  # replaces a, keeps step 1
+        store.admit("c", 0.9, 1.0, 6, 6, b"c@6", prefix_step=2)  # replaces the lowest (b)
+        assert store.keys() == ["a", "c"]
+        store.rollback_to(3)
+        assert (_snapshot(store, server), server.zrange(store._admitted, 0, -1)) == at_checkpoint
+        assert store.get("a").payload == b"a@1"
+    finally:
+        store.clear()
