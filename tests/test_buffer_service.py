@@ -133,3 +133,69 @@ def test_checkpoint_commit_and_rollback_through_the_service(server, tmp_path):
     assert changes["restored"] == 2
     assert {m["prompt_key"]: m["reward"] for m in service.sample(2, 1, seed=0)[0]} == keep
     assert service.stats()["admissions"] == 2
+
+
+class _Handle:
+    """Stands in for the buffer actor's Ray handle: `admit.remote` calls the real service now."""
+
+    def __init__(self, service):
+        self.admit = self
+        self.remote = service.admit
+
+
+def _replay_step(service, step, fresh_reward=0.0):
+    """One iteration's admission for prompt p0 as the driver does it: the buffer's entry is
+    replayed (its mixed trajectory wins its group) and the group's winners are offered."""
+    import torch
+
+    from learner.advantages import group_advantages
+    from opgrpo.driver import Rollout, SampleInfo, admit_winners, replayed_samples
+    from opgrpo.trajectory import decode_trajectories
+
+    meta, payloads = service.sample(1, step, seed=step)
+    if not meta:
+        return None
+    (replayed,) = replayed_samples(0, meta)
+    replayed.reward = meta[0]["reward"] + 0.1  # better than before: the group's winner
+    mixed = decode_trajectories(payloads[0])[0].with_updates(replayed=True)
+    fresh = SampleInfo(1, 0, 0, "p0", False, step, reward=fresh_reward)
+    samples = [replayed, fresh]
+    adv = group_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([0, 0]))
+    rollout = Rollout([[mixed], _trajectories(1, step)], [], [], samples, [])
+    return admit_winners(_Handle(service), rollout, samples, adv, step)
+
+
+def test_replays_through_the_driver_keep_the_prefixs_age_and_max_age_evicts(server, tmp_path):
+    service = BufferService(_config(server.url, max_age=5, decay_gamma=0.99), str(tmp_path),
+                            "t-age")
+    try:
+        service.admit(_trajectories(1), [{"index": 0, "reward": 0.2, "advantage": 1.0,
+                                          "step": 0}])
+        present = []
+        for step in range(1, 30):
+            service.evict_expired(step)
+            outcomes = _replay_step(service, step)
+            assert outcomes in (None, [["replaced_same_prompt"]])
+            entry = service.store.get("p0")
+            present.append(entry is not None)
+            if entry is not None:  # replaced by its replays, but as old as its first prefix
+                assert (entry.insert_step, entry.weight_version) == (0, 0)
+        assert present == [True] * 5 + [False] * 24
+    finally:
+        service.shutdown()
+
+
+def test_exclude_admits_nothing_for_a_group_a_replayed_sample_wins(server, tmp_path):
+    service = BufferService(_config(server.url, replayed_winners="exclude"), str(tmp_path),
+                            "t-excl")
+    try:
+        service.admit(_trajectories(1), [{"index": 0, "reward": 0.2, "advantage": 1.0,
+                                          "step": 0}])
+        before = service.store.get("p0")
+        assert _replay_step(service, 1) == [["rejected_replayed"]]
+        assert service.store.get("p0") == before and service.stats()["rejections"] == 1
+        # the same group won by its fresh sample is admitted as before
+        assert _replay_step(service, 2, fresh_reward=5.0) == [["replaced_same_prompt"]]
+        assert service.store.get("p0").insert_step == 2
+    finally:
+        service.shutdown()
