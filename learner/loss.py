@@ -175,6 +175,8 @@ def _loss_stats(
         M.LOSS_CLIPFRAC_OFFPOLICY: _masked_mean(clipped, off_valid),
         M.LOSS_APPROX_KL: _masked_mean(0.5 * log_ratio**2, valid),
         M.LOSS_RATIO_MEAN: _masked_mean(ratio, valid),
+        M.LOSS_RATIO_DEV_MAX: torch.where(valid[:, None], (ratio - 1.0).abs(), 0.0).max()
+        .where(valid.any(), math.nan),
         M.LOSS_SEQ_WEIGHT_MEAN: _masked_mean(seq_weight[:, None], off),
         M.LOSS_SEQ_WEIGHT_MAX: torch.where(off, seq_weight, nan).nan_to_num(nan=-math.inf)
         .max().where(off.any(), math.nan),

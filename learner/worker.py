@@ -54,11 +54,15 @@ def free_port() -> int:
 
 def nan_mean(rows: list[dict[str, float]]) -> dict[str, float]:
     """Key-wise mean ignoring NaN (a statistic absent from a micro-batch, e.g. off-policy
-    clip fraction without off-policy samples); NaN only where every row is NaN."""
+    clip fraction without off-policy samples); NaN only where every row is NaN. Keys ending
+    in `_max` (a maximum per micro-batch) take the maximum instead."""
     out = {}
     for key in rows[0] if rows else []:
         values = [r[key] for r in rows if not math.isnan(r[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
+        if not values:
+            out[key] = math.nan
+        else:
+            out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
     return out
 
 
@@ -89,11 +93,29 @@ def deepspeed_config(config: Config) -> dict:
         # The client optimizer (torch AdamW) also steps on offloaded state; DeepSpeed's own
         # CPU Adam needs a compiled extension.
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": config.model.dtype == "bfloat16"},
-        "fp16": {"enabled": config.model.dtype == "float16"},
+        **precision_config(config),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def precision_config(config: Config) -> dict:
+    """DeepSpeed's precision sections for the run's model dtype.
+
+    With LoRA, DeepSpeed runs in float32 over the float32 LoRA weights (`models.py` loads the
+    frozen transformer in the model dtype and the adapter in float32, as Flow-GRPO does):
+    DeepSpeed's bf16 mode would cast the adapter to bf16, so the rollout actors (float32 LoRA)
+    and the learner would compute different log-probs, and gradients would add up in bf16 over
+    every backward of an update. The frozen base still runs in bf16. Full fine-tuning in bf16
+    or fp16 uses DeepSpeed's half-precision mode with float32 master weights and float32
+    gradient accumulation (`data_types.grad_accum_dtype`).
+    """
+    half = config.model.dtype in ("bfloat16", "float16") and config.model.lora_rank == 0
+    out: dict = {"bf16": {"enabled": half and config.model.dtype == "bfloat16"},
+                 "fp16": {"enabled": half and config.model.dtype == "float16"}}
+    if half:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
 
 
 class LearnerWorker:
@@ -263,7 +285,10 @@ class LearnerWorker:
     def save_checkpoint(self, directory: str, tag: str) -> str:
         """DeepSpeed's state (for resuming) plus the trainable weights as safetensors (for
         `opgrpo export`, readable without unpickling); every rank must call."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version})
+        # Frozen weights come from model.path on resume: a LoRA checkpoint holds the adapter
+        # and its optimizer state only, not the whole transformer.
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"version": self.version},
+                                    exclude_frozen_parameters=True)
         if self.rank == 0:  # DeepSpeed's recovery scripts read pickles: not for these files
             for script in RECOVERY_SCRIPTS:
                 (Path(directory) / tag / script).unlink(missing_ok=True)
@@ -280,6 +305,29 @@ class LearnerWorker:
         return tag
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        """Resume from `directory/tag`: frozen weights stay as loaded from model.path, every
+        trainable weight must be in the checkpoint (checked here: DeepSpeed's non-strict load
+        would skip a missing one silently)."""
+        from learner.safe_state import load_state
+
+        states = Path(directory) / tag / "mp_rank_00_model_states.pt"
+        if states.is_file():
+            saved = load_state(states)["module"]
+            params = dict(self.policy.transformer.named_parameters())
+            trainable = {n for n, p in params.items() if p.requires_grad}
+            buffers = {n for n, _ in self.policy.transformer.named_buffers()}
+            missing = sorted(trainable - set(saved))
+            unknown = sorted(set(saved) - set(params) - buffers)
+            reshaped = sorted(  # ZeRO-3 saves empty placeholders: no shape to compare
+                n for n in trainable & set(saved) if saved[n].numel()
+                and tuple(saved[n].shape) != tuple(getattr(params[n], "ds_shape",
+                                                           params[n].shape)))
+            wrong = missing + unknown + reshaped
+            if wrong:
+                raise ValueError(f"{states} lacks or mismatches {len(wrong)} trainable weights "
+                                 f"of this config (e.g. {wrong[:3]}): was it written with another "
+                                 "model.lora_rank or model.lora_target_modules?")
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag,
+                                                      load_module_strict=False)
         self.version = int(client_state["version"])
         return self.version

@@ -322,6 +322,11 @@ class Config(_Section):
         if self.learner.offload_params and self.learner.zero_stage != 3:
             raise ValueError("learner.offload_params needs learner.zero_stage 3 "
                              f"(got {self.learner.zero_stage})")
+        if (self.model.dtype != "float32" and self.model.lora_rank == 0
+                and self.learner.zero_stage == 0):
+            raise ValueError(f"full fine-tuning in model.dtype {self.model.dtype} needs "
+                             "learner.zero_stage >= 1: only ZeRO accumulates half-precision "
+                             "gradients in float32 (or set model.lora_rank > 0)")
         if self.learner.offload_optimizer and self.learner.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
         return self

@@ -20,6 +20,8 @@ LOSS_CLIPFRAC = "loss/clipfrac"
 LOSS_CLIPFRAC_OFFPOLICY = "loss/clipfrac_offpolicy"
 LOSS_APPROX_KL = "loss/approx_kl"
 LOSS_RATIO_MEAN = "loss/ratio_mean"
+# max |ratio - 1| over valid samples and trained steps: 0 up to numerics on-policy
+LOSS_RATIO_DEV_MAX = "loss/ratio_dev_max"
 LOSS_SEQ_WEIGHT_MEAN = "loss/seq_weight_mean"
 LOSS_SEQ_WEIGHT_MAX = "loss/seq_weight_max"
 
