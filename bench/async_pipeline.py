@@ -144,7 +144,8 @@ def evaluate_run(name: str, threads: int) -> dict:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             model = (config.model.path if step == 0 else
-                     str(export_checkpoint(run_dir, Path(tmp) / "m", step=step)))
+                     str(export_checkpoint(run_dir, Path(tmp) / "m", step=step,
+                                           fused=True)))
             done[str(step)] = evaluate_model(model, ["test_ode40"], config.run.seed)["test_ode40"]
         path.write_text(json.dumps(done) + "\n")
     return done

@@ -67,7 +67,8 @@ def main() -> None:
             if step == 0:
                 model = load_config(run / "config.yaml").model.path
             else:
-                model = str(export_checkpoint(run, Path(tmp) / f"step{step}", step=step))
+                model = str(export_checkpoint(run, Path(tmp) / f"step{step}", step=step,
+                                                fused=True))
             results[str(step)] = evaluate_model(model, args.variants, seed)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"eval_drift_{run.name}.json"

@@ -65,6 +65,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     args.guidance = _guidance(args)
     records = load_prompts(args.prompts)[: args.max_prompts]
     policy = FlowPolicy.from_pretrained(args.model, num_frames=args.num_frames)
+    if args.lora:
+        policy.load_lora(args.lora)
     size = policy.default_image_size
     height, width = args.height or size, args.width or size
     images = []
@@ -180,6 +182,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     args.guidance = _guidance(args)
     records = load_prompts(args.prompts)
     policy = FlowPolicy.from_pretrained(args.model)
+    if args.lora:
+        policy.load_lora(args.lora)
     settings = EvalSettings(args.n_per_prompt, args.steps, args.guidance, args.seed)
     with Progress(transient=True) as progress:
         summary, images, _ = evaluate(policy, records, args.reward, settings, progress,
@@ -191,8 +195,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from opgrpo.export import export_checkpoint
 
-    out = export_checkpoint(args.run, args.out, args.step, args.dtype, args.overwrite)
-    print(f"exported {args.run} to {out}: evaluate with `opgrpo eval --model {out} ...`")
+    out = export_checkpoint(args.run, args.out, args.step, args.dtype, args.overwrite,
+                            fused=args.fused)
+    info = json.loads((out / "opgrpo_export.json").read_text())
+    if info["format"] == "diffusers_lora":
+        print(f"exported the LoRA adapter of {args.run} to {out}: "
+              f"`pipe.load_lora_weights('{out}')` on {info['base_model']}, or "
+              f"`opgrpo eval --model {info['base_model']} --lora {out} ...`")
+    else:
+        print(f"exported {args.run} to {out}: evaluate with `opgrpo eval --model {out} ...`")
     return 0
 
 
@@ -258,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a model on a prompt file into an image grid")
     p.add_argument("--model", required=True, help="diffusers pipeline directory")
+    p.add_argument("--lora", default=None,
+                   help="a LoRA adapter directory in diffusers' format (`opgrpo export`)")
     p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--sde", action="store_true", help="SDE sampling (as in training)")
@@ -278,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="ODE-sample a prompt set and score it; prints JSON")
     p.add_argument("--model", required=True, help="diffusers pipeline directory")
+    p.add_argument("--lora", default=None,
+                   help="a LoRA adapter directory in diffusers' format (`opgrpo export`)")
     p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     p.add_argument("--reward", required=True, help="registered reward name, e.g. shapes")
     p.add_argument("--reward-options", default=None, metavar="YAML",
@@ -289,12 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="write a run's checkpoint as a diffusers pipeline")
+    p = sub.add_parser("export", help="write a run's checkpoint for diffusers: the LoRA "
+                       "adapter (load_lora_weights), or the whole pipeline with --fused")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="transformer dtype on disk")
+    p.add_argument("--fused", action="store_true",
+                   help="write the whole pipeline with the LoRA fused into the transformer "
+                   "(always so for full fine-tuning runs)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype on disk of the transformer (default: the run's model.dtype) or "
+                   "of the adapter (default: float32)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 

@@ -1,12 +1,19 @@
-"""`opgrpo export RUN_DIR --out DIR`: a checkpoint's policy as a plain diffusers pipeline.
+"""`opgrpo export RUN_DIR --out DIR`: a checkpoint's policy for diffusers.
 
 Every checkpoint holds, beside DeepSpeed's own state (for resuming), the trainable weights as
 `checkpoints/<tag>/trainable.safetensors` (written by learner rank 0, gathered under ZeRO-3).
 Export reads only that file and the base model directory: nothing is unpickled (DeepSpeed's
-own files are safetensors too, see `learner/safe_state.py`). The result is
-the base pipeline with the trained transformer; LoRA weights are fused into it, so the output
-loads with `StableDiffusion3Pipeline.from_pretrained` (or `opgrpo eval/sample --model DIR`) and
-needs no peft.
+own files are safetensors too, see `learner/safe_state.py`).
+
+- A LoRA run exports, by default, the adapter alone in diffusers' LoRA format
+  (`pytorch_lora_weights.safetensors`, with its rank and alpha as adapter metadata): a few
+  tens of MB that `pipe.load_lora_weights(DIR)` puts on the base pipeline (or
+  `opgrpo eval/sample --model BASE --lora DIR`).
+- `fused=True` (`--fused`), and every full fine-tuning run, writes the whole pipeline with the
+  trained transformer (LoRA fused in): it loads with `<Pipeline>.from_pretrained(DIR)` and
+  needs no peft. Components are stored as the service holds them in the run's model dtype
+  (transformer and text encoders in it, the VAE in float32), or all in `dtype`'s dtype for the
+  transformer when given.
 """
 
 from __future__ import annotations
@@ -70,9 +77,16 @@ def load_from_deepspeed(tag_dir: Path, names: set[str]) -> dict[str, torch.Tenso
     return state
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
-                      dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write the policy of `run_dir`'s checkpoint (latest, or `step`) to `out`."""
+                      dtype: str | None = None, overwrite: bool = False,
+                      fused: bool = False) -> Path:
+    """Write the policy of `run_dir`'s checkpoint (latest, or `step`) to `out`: the LoRA
+    adapter in diffusers' format, or (`fused`, or a full fine-tuning run) the whole pipeline.
+    `dtype`: the transformer's (or the adapter's) dtype on disk; default the run's model.dtype
+    for a pipeline, float32 for an adapter (it trains in float32)."""
     run_dir, out = Path(run_dir), Path(out)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -81,8 +95,13 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     config = load_config(config_path)
     tag = checkpoint_tag(run_dir, step)
+    lora = config.model.lora_rank > 0
+    whole = fused or not lora
+    dtype = dtype or (config.model.dtype if whole else "float32")  # the adapter trains in fp32
+    # the pipeline in the run's model dtype (VAE float32), as the service holds it
     policy = FlowPolicy.from_pretrained(
-        config.model.path, lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
+        config.model.path, dtype=config.model.dtype if whole else "float32",
+        lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
         lora_target_modules=config.model.lora_target_modules, keep_reference=False)
     expected = set(policy.trainable_state_dict())
     tag_dir = run_dir / "checkpoints" / tag
@@ -95,21 +114,44 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         raise ValueError(f"{WEIGHTS_FILE} of {tag} does not match model.lora_rank="
                          f"{config.model.lora_rank}: missing {missing[:3]}, unexpected {extra[:3]}")
     policy.load_trainable_state_dict(state)
-    transformer = policy.transformer
-    if config.model.lora_rank > 0:
-        transformer.fuse_lora(lora_scale=1.0)  # W += B A * alpha / r, then drop the adapter
-        transformer.unload_lora()
     if out.exists():
         shutil.rmtree(out)
-    pipeline = policy.pipeline
-    pipeline.transformer = transformer.to(getattr(torch, dtype))
-    pipeline.save_pretrained(out, safe_serialization=True)
+    out.mkdir(parents=True)
     base = Path(config.model.path)
+    if whole:
+        _write_pipeline(policy, out, lora, getattr(torch, dtype))
+    else:
+        _write_lora(policy, out, config, getattr(torch, dtype))
     for name in _CARRIED:
         if (base / name).is_file():
             shutil.copy(base / name, out / name)
     (out / "opgrpo_export.json").write_text(json.dumps({
         "run": run_dir.name, "checkpoint": tag, "weight_version": meta.get("version"),
-        "lora_rank": config.model.lora_rank, "lora_fused": config.model.lora_rank > 0,
-        "transformer_dtype": dtype, "base_model": base.name}, indent=2) + "\n")
+        "format": "pipeline" if whole else "diffusers_lora",
+        "lora_rank": config.model.lora_rank, "lora_alpha": config.model.lora_alpha,
+        "lora_fused": lora and whole, "dtype": dtype, "base_model": str(config.model.path),
+        "pipeline_class": type(policy.pipeline).__name__}, indent=2) + "\n")
     return out
+
+
+def _write_pipeline(policy: FlowPolicy, out: Path, lora: bool, dtype: torch.dtype) -> None:
+    transformer = policy.transformer
+    if lora:
+        transformer.fuse_lora(lora_scale=1.0)  # W += B A * alpha / r, then drop the adapter
+        transformer.unload_lora()
+    policy.pipeline.transformer = transformer.to(dtype)
+    policy.pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _write_lora(policy: FlowPolicy, out: Path, config, dtype: torch.dtype) -> None:
+    """The adapter in diffusers' LoRA layout (keys `transformer.<module>.lora_A.weight`), with
+    its LoraConfig as metadata so `load_lora_weights` restores alpha / rank exactly."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {k: v.detach().to(dtype).contiguous()
+              for k, v in get_peft_model_state_dict(policy.transformer).items()}
+    metadata = policy.transformer.peft_config["default"].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+    type(policy.pipeline).save_lora_weights(
+        out, transformer_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True,
+        transformer_lora_adapter_metadata=metadata)

@@ -503,6 +503,17 @@ class FlowPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def load_lora(self, directory: str | Path) -> None:
+        """Put a LoRA adapter in diffusers' format (`opgrpo export`, or any
+        `save_lora_weights` output) on this policy's transformer, with diffusers'
+        `load_lora_weights`, so sampling and evaluation use it."""
+        directory = Path(directory)
+        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"{directory} holds no LoRA weights (*.safetensors); "
+                                    "write them with `opgrpo export RUN --out DIR`")
+        self.pipeline.load_lora_weights(str(directory), weight_name=files[0].name)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a learner pushes to rollout actors: LoRA only when LoRA is on."""
         names = {id(p) for p in self.trainable_parameters()}

@@ -1,10 +1,12 @@
-"""`opgrpo export`: a checkpoint's trainable weights (safetensors) onto the base pipeline, LoRA
-fused, written as a plain diffusers directory that loads and samples like the trained policy."""
+"""`opgrpo export`: a checkpoint's trainable weights (safetensors) as a diffusers LoRA that
+`load_lora_weights` puts on the base pipeline, or (fused / full fine-tuning) as a whole diffusers
+pipeline; either gives the trained policy's outputs and samples."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,11 +16,12 @@ from opgrpo.export import WEIGHTS_FILE, export_checkpoint
 from opgrpo.models import FlowPolicy
 
 
-def _fake_run(tmp_path, model_dir, lora_rank: int, step: int = 2):
+def _fake_run(tmp_path, model_dir, lora_rank: int, step: int = 2, dtype: str = "float32"):
     """A run directory whose checkpoint holds trained-looking (perturbed) trainable weights,
     written the way learner rank 0 writes them; returns (run_dir, the trained policy)."""
     config = build_config({"model": {"path": str(model_dir), "lora_rank": lora_rank,
-                                     "lora_alpha": 2.0 * lora_rank if lora_rank else None}})
+                                     "lora_alpha": 2.0 * lora_rank if lora_rank else None,
+                                     "dtype": dtype}})
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / f"step{step}").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
@@ -43,10 +46,66 @@ def _velocity(policy, seed=0):
         return policy.velocity(latents, torch.tensor([0.8, 0.3]), embeds)
 
 
+def _diffusers_sample(pipe):
+    """Plain diffusers sampling (its own scheduler and loop), no opgrpo code."""
+    return pipe("a red circle", num_inference_steps=3, guidance_scale=2.0, height=32,
+                width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_export_writes_a_diffusers_lora_that_load_lora_weights_reads(tmp_path, tiny_sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    from opgrpo.export import LORA_FILE
+
+    run_dir, trained = _fake_run(tmp_path, tiny_sd3_dir, lora_rank=4)
+    out = export_checkpoint(run_dir, tmp_path / "lora")
+    assert sorted(p.name for p in out.iterdir()) == ["opgrpo_export.json", LORA_FILE]
+    info = json.loads((out / "opgrpo_export.json").read_text())
+    assert info["format"] == "diffusers_lora" and info["dtype"] == "float32"
+    # the adapter alone: a fraction of the transformer
+    transformer = sum(p.stat().st_size for p in (tiny_sd3_dir / "transformer").iterdir())
+    assert (out / LORA_FILE).stat().st_size < transformer / 2
+    # a diffusers pipeline of the base model with the exported LoRA samples as the policy
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    base_images = _diffusers_sample(pipe)
+    pipe.load_lora_weights(out)
+    trained.pipeline.set_progress_bar_config(disable=True)
+    expected = _diffusers_sample(trained.pipeline)
+    np.testing.assert_allclose(_diffusers_sample(pipe), expected, atol=1e-5)
+    assert np.abs(base_images - expected).max() > 1e-3  # the adapter matters
+    # lora_alpha (2 x rank here) travels as adapter metadata: the scale is alpha / r = 2
+    loaded = FlowPolicy.from_pretrained(tiny_sd3_dir)
+    loaded.load_lora(out)
+    torch.testing.assert_close(_velocity(loaded), _velocity(trained), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_export_in_the_model_dtype(tmp_path, tiny_sd3_dir):
+    run_dir, trained = _fake_run(tmp_path, tiny_sd3_dir, lora_rank=4, dtype="bfloat16")
+    out = export_checkpoint(run_dir, tmp_path / "fused", fused=True)
+    from safetensors import safe_open
+
+    def on_disk(component):
+        dtypes = set()
+        for path in (out / component).glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+        return dtypes
+
+    # as the service holds them: transformer and text encoders bf16, the VAE float32
+    assert on_disk("transformer") == {"BF16"} and on_disk("text_encoder") == {"BF16"}
+    assert on_disk("vae") == {"F32"}
+    assert json.loads((out / "opgrpo_export.json").read_text())["lora_fused"]
+    exported = FlowPolicy.from_pretrained(out, dtype="bfloat16")
+    assert not any("lora" in name for name, _ in exported.transformer.named_parameters())
+    torch.testing.assert_close(_velocity(exported).float(), _velocity(trained), rtol=0.05,
+                               atol=0.02)  # bf16 weights against the float32 policy
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_export_reproduces_the_trained_policy(tmp_path, tiny_sd3_dir, lora_rank):
     run_dir, trained = _fake_run(tmp_path, tiny_sd3_dir, lora_rank)
-    out = export_checkpoint(run_dir, tmp_path / "exported")
+    out = export_checkpoint(run_dir, tmp_path / "exported", fused=True)
     exported = FlowPolicy.from_pretrained(out)  # no LoRA: the adapter is fused
     assert not any("lora" in name for name, _ in exported.transformer.named_parameters())
     torch.testing.assert_close(_velocity(exported), _velocity(trained), rtol=1e-4, atol=1e-5)
@@ -86,14 +145,15 @@ def test_export_command_output_evaluates(tmp_path, tiny_sd3_dir):
 
     done = opgrpo("export", str(run_dir), "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "exported" in done.stdout
+    assert "load_lora_weights" in done.stdout
     again = opgrpo("export", str(run_dir), "--out", str(out))
     assert again.returncode == 2 and "not empty" in again.stderr
     missing = opgrpo("export", str(run_dir), "--out", str(tmp_path / "x"), "--step", "9")
     assert missing.returncode == 2 and "step9 does not exist" in missing.stderr
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    evaluated = opgrpo("eval", "--model", str(out), "--prompts", str(prompts), "--reward",
-                       "shapes_partial", "--steps", "2", "--n-per-prompt", "2")
+    evaluated = opgrpo("eval", "--model", str(tiny_sd3_dir), "--lora", str(out), "--prompts",
+                       str(prompts), "--reward", "shapes_partial", "--steps", "2",
+                       "--n-per-prompt", "2")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "partial" in json.loads(evaluated.stdout.strip().splitlines()[-1])

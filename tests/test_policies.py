@@ -215,7 +215,7 @@ def test_one_step_through_the_ray_service(model_dirs, tmp_path, family, _unused,
     samples = tmp_path / family / "samples"
     assert (samples / "step00000.png").is_file()
     assert (samples / "step00000.gif").is_file() == (family == "wan")
-    out = export_checkpoint(tmp_path / family, tmp_path / f"{family}-exported")
+    out = export_checkpoint(tmp_path / family, tmp_path / f"{family}-exported", fused=True)
     exported = FlowPolicy.from_pretrained(out, **({"num_frames": 5} if family == "wan" else {}))
     assert type(exported).__name__ == {"flux": "FluxPolicy", "wan": "WanPolicy"}[family]
     base = FlowPolicy.from_pretrained(model_dirs[family], lora_rank=4, **(
