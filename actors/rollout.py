@@ -15,18 +15,12 @@ import numpy as np
 import torch
 
 from opgrpo.config import Config, torch_threads
+from opgrpo.images import to_uint8
 from opgrpo.models import FlowPolicy
 from opgrpo.sampling import SamplingSpec, device_stack, regenerate_from, sample_trajectories
 from opgrpo.trajectory import Trajectory, decode_trajectories
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) floats in [0, 1] on any device -> (..., H, W, 3) uint8 numpy (images or
-    video frames); quantised on the device, so a quarter of the bytes cross to the host."""
-    quantised = (images.movedim(-3, -1).to(torch.float32) * 255).round().to(torch.uint8)
-    return quantised.cpu().numpy()
 
 
 class StaleWeights(RuntimeError):
@@ -150,7 +144,7 @@ class RolloutWorker:
         guidance_scale: float, seed: int,
     ) -> np.ndarray:
         """ODE samples of (text, key) prompts, prompt-major, as (N, H, W, 3) uint8 (video:
-        (N, F, H, W, 3))."""
+        (N, F, H, W, 3)), quantised batch by batch on the device (`train.eval_batch_size`)."""
         from opgrpo.evaluate import EvalSettings, generate
         from opgrpo.prompts import PromptRecord
 
@@ -158,4 +152,4 @@ class RolloutWorker:
         settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed,
                                 batch_size=self.config.train.eval_batch_size,
                                 height=self.config.model.height, width=self.config.model.width)
-        return to_uint8(generate(self.policy, records, settings))
+        return generate(self.policy, records, settings, quantise=True)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from actors.rewards import get_reward, score_frames
+from opgrpo.images import to_uint8
 from opgrpo.models import FlowPolicy
 from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import sample_ode, trajectory_seed
@@ -26,10 +27,14 @@ class EvalSettings:
 
 @torch.no_grad()
 def generate(
-    policy: FlowPolicy, records: list[PromptRecord], settings: EvalSettings, progress=None
-) -> torch.Tensor:
+    policy: FlowPolicy, records: list[PromptRecord], settings: EvalSettings, progress=None,
+    quantise: bool = False,
+) -> torch.Tensor | np.ndarray:
     """Images (N * n_per_prompt, 3, H, W), or video frames (N * n_per_prompt, F, 3, H, W), in
-    [0, 1], prompt-major, seeds from (seed, key, j)."""
+    [0, 1], prompt-major, seeds from (seed, key, j) (the same images however the prompts are
+    split over actors). `quantise`: (N, H, W, 3) / (N, F, H, W, 3) uint8 on the host instead,
+    each batch quantised on the device as it is decoded, so a large prompt set never holds
+    float images on the device."""
     height = settings.height or policy.default_image_size
     width = settings.width or policy.default_image_size
     rows = [(r.text, trajectory_seed(settings.seed, "eval", r.key, j))
@@ -40,10 +45,11 @@ def generate(
         chunk = rows[start : start + settings.batch_size]
         latents = sample_ode(policy, [c[0] for c in chunk], [c[1] for c in chunk],
                              settings.num_steps, settings.guidance_scale, height, width)
-        images.append(policy.decode(latents))
+        decoded = policy.decode(latents)
+        images.append(to_uint8(decoded) if quantise else decoded)
         if progress:
             progress.advance(task, len(chunk))
-    return torch.cat(images)
+    return np.concatenate(images) if quantise else torch.cat(images)
 
 
 def evaluate(

@@ -13,6 +13,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) floats in [0, 1] on any device -> (..., H, W, 3) uint8 numpy (images or
+    video frames); quantised on the device, so a quarter of the bytes cross to the host."""
+    quantised = (images.movedim(-3, -1).to(torch.float32).clamp(0, 1) * 255).round()
+    return quantised.to(torch.uint8).cpu().numpy()
+
+
 def to_pil(image: torch.Tensor, tile: int) -> Image.Image:
     """(3, H, W) float in [0, 1] -> PIL image scaled (nearest) to `tile` pixels wide."""
     array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()

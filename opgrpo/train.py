@@ -117,6 +117,23 @@ class WorkerClasses:
     learner: type = LearnerWorker
 
 
+def eval_shards(n_prompts: int, n_actors: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) prompt ranges, one per actor that gets any, sizes within one."""
+    parts = max(1, min(n_prompts, n_actors))
+    bounds = [round(i * n_prompts / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def per_tag_means(values: np.ndarray, tags: list[str | None]) -> dict[str, float]:
+    """Mean of `values` per prompt tag (the `tag` field of a JSONL prompt file, as GenEval's
+    metadata has), tags in first-seen order; untagged prompts are left out."""
+    groups: dict[str, list[float]] = {}
+    for value, tag in zip(values, tags):
+        if tag is not None:
+            groups.setdefault(str(tag), []).append(float(value))
+    return {tag: float(np.mean(v)) for tag, v in groups.items()}
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
                  workers: WorkerClasses | None = None) -> None:
@@ -235,29 +252,39 @@ class Trainer:
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
+        """ODE samples of the evaluation prompts, spread over every rollout actor in contiguous
+        shards (seeds come from the prompt keys, so the images do not depend on the actor
+        count), each shard's uint8 images passed by reference to a reward actor (they do not
+        cross the driver), scored in parallel; the driver fetches only the grid's images."""
         from actors.rewards import get_reward
         from opgrpo.images import save_grid
 
         cfg = self.config
         started = time.perf_counter()
         name = next(iter(cfg.reward.functions))  # the first reward is the evaluation metric
-        prompts = [(r.text, r.key) for r in self.eval_prompts]
-        n = cfg.train.eval_images_per_prompt
-        images = ray.get(self.rollout.worker(0).evaluate.remote(
-            prompts, n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
-            cfg.run.seed))
         spec = get_reward(name)
-        texts = [t for t, _ in prompts for _ in range(n)]
-        floats = np.moveaxis(images.astype(np.float32) / 255, -1, -3)
-        # scored by a reward actor, where the reward's model is loaded
-        scores = ray.get(self.rewards.worker(0).score_with.remote(name, images, texts))
+        records, n = self.eval_prompts, cfg.train.eval_images_per_prompt
+        shards = eval_shards(len(records), len(self.rollout))
+        image_refs = [self.rollout.worker(i).evaluate.remote(
+            [(r.text, r.key) for r in records[a:b]], n, cfg.sampling.eval_num_steps,
+            cfg.sampling.eval_guidance_scale, cfg.run.seed) for i, (a, b) in enumerate(shards)]
+        texts = [r.text for r in records for _ in range(n)]
+        parts = ray.get([self.rewards.worker(i).score_with.remote(name, ref, texts[a * n:b * n])
+                         for i, (ref, (a, b)) in enumerate(zip(image_refs, shards))])
+        scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         summary = spec.summarize(scores, texts)
-        shown = min(8, len(prompts)) * n
-        labels = [f"{spec.key}={v:.0f}" for v in scores[spec.key][:shown]]
-        save_grid(torch.from_numpy(floats[:shown]), [t for t, _ in prompts[: shown // n]],
+        tags = [r.metadata.get("tag") for r in records for _ in range(n)]
+        if "per_tag" not in summary and any(t is not None for t in tags):
+            summary["per_tag"] = per_tag_means(scores[spec.key], tags)
+        shown = min(8, len(records))
+        grid = [ray.get(ref)[: (min(b, shown) - a) * n]
+                for ref, (a, b) in zip(image_refs, shards) if a < shown]
+        floats = np.moveaxis(np.concatenate(grid).astype(np.float32) / 255, -1, -3)
+        labels = [f"{spec.key}={v:.2f}" for v in scores[spec.key][: shown * n]]
+        save_grid(torch.from_numpy(floats), [r.text for r in records[:shown]],
                   self.run_dir / "samples" / f"step{step:05d}.png", n, labels)
         with (self.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **summary,
+            f.write(json.dumps({"step": step, **summary, "actors": len(shards),
                                 "seconds": time.perf_counter() - started}) + "\n")
         log.info("eval at step %d: %s", step, json.dumps(summary))
         return summary

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import to_uint8
 from learner.loss import stats_to_floats
 from learner.objective import LossSettings, MicroBatch, UpdateSize, accumulate_gradients
+from opgrpo.images import to_uint8
 from opgrpo.policies.flux import FluxPolicy
 from opgrpo.policies.sd3 import SD3Policy
 from opgrpo.policies.wan import WanPolicy

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.rewards import get_reward, score_frames
-from actors.rollout import to_uint8
+from opgrpo.images import to_uint8
 from opgrpo.models import FlowPolicy
 from opgrpo.policies.flux import FluxPolicy
 from opgrpo.policies.sd3 import SD3Policy

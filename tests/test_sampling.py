@@ -120,3 +120,28 @@ def test_ode_sampling_matches_the_diffusers_pipeline(policy):
             max_sequence_length=policy.max_sequence_length,
         ).images
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_shards_and_per_tag_means(tiny_sd3_dir):
+    """Evaluation prompts split over actors give the images of one pass (seeds come from the
+    prompt keys), quantised to uint8 batch by batch; shards are contiguous and balanced."""
+    from opgrpo.evaluate import EvalSettings, generate
+    from opgrpo.prompts import PromptRecord
+    from opgrpo.train import eval_shards, per_tag_means
+
+    assert eval_shards(5, 2) == [(0, 2), (2, 5)] or eval_shards(5, 2) == [(0, 3), (3, 5)]
+    assert eval_shards(2, 4) == [(0, 1), (1, 2)] and eval_shards(7, 1) == [(0, 7)]
+    assert sum(b - a for a, b in eval_shards(2000, 7)) == 2000
+    assert per_tag_means(np.array([1.0, 0.0, 0.5]), ["a", None, "a"]) == {"a": 0.75}
+    policy = FlowPolicy.from_pretrained(tiny_sd3_dir)
+    records = [PromptRecord(f"k{i}", t) for i, t in enumerate(["a red circle", "a square",
+                                                               "two circles"])]
+    settings = EvalSettings(2, 2, 1.0, 0, batch_size=4, height=32, width=32)
+    whole = generate(policy, records, settings, quantise=True)
+    assert whole.dtype == np.uint8 and whole.shape == (6, 32, 32, 3)
+    parts = np.concatenate([generate(policy, records[a:b], settings, quantise=True)
+                            for a, b in eval_shards(3, 2)])
+    np.testing.assert_array_equal(parts, whole)
+    floats = generate(policy, records, settings)
+    np.testing.assert_array_equal(
+        whole, (floats.movedim(1, -1).clamp(0, 1) * 255).round().to(torch.uint8).numpy())

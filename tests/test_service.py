@@ -79,6 +79,8 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates, mode):
         saved = load_file(str(tmp_path / f"e2e-z{stage}" / "checkpoints" / "step3" / WEIGHTS_FILE))
         assert saved.keys() == learner.keys()
         assert all(np.array_equal(saved[k].numpy(), learner[k]) for k in learner)
+        if stage == 2:
+            _check_evaluation_over_two_actors(trainer, learner, tmp_path / f"e2e-z{stage}")
     finally:
         trainer.shutdown()
     assert [r["version"] for r in rows] == [1, 2, 3]
@@ -106,6 +108,39 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates, mode):
     assert all(r[M.POLICY_VERSION_LAG_MAX] >= 1 for r in replayed)
     assert all(np.isfinite(r[M.LOSS_SEQ_WEIGHT_MEAN]) for r in replayed)
     assert any(r[M.LOSS_SEQ_WEIGHT_MEAN] != 1.0 for r in replayed)
+
+
+def _check_evaluation_over_two_actors(trainer, learner, run_dir):
+    """The evaluation spreads its prompts over both rollout actors and gives the images and
+    summary one process gives for all prompts with the same weights."""
+    from actors.rewards import get_reward, score_frames
+    from opgrpo.evaluate import EvalSettings, generate
+    from opgrpo.models import FlowPolicy
+    from opgrpo.prompts import load_prompts
+
+    cfg = trainer.config
+    trainer.eval_prompts = load_prompts(REPO / "configs/shapes/test_metadata.jsonl")[:5]
+    n = cfg.train.eval_images_per_prompt
+    summary = trainer.evaluate(3)
+    row = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["actors"] == 2 and row["step"] == 3 and summary["n_images"] == 5 * n
+    assert set(summary["per_tag"]) == {"single_object", "two_object"}
+    assert (run_dir / "samples" / "step00003.png").is_file()
+    policy = FlowPolicy.from_config(cfg)
+    policy.load_trainable_state_dict({k: torch.from_numpy(v) for k, v in learner.items()})
+    settings = EvalSettings(n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
+                            cfg.run.seed, height=32, width=32)
+    local = generate(policy, trainer.eval_prompts, settings, quantise=True)
+    second = ray.get(trainer.rollout.worker(1).evaluate.remote(  # the second actor's shard
+        [(r.text, r.key) for r in trainer.eval_prompts[2:]], n, cfg.sampling.eval_num_steps,
+        cfg.sampling.eval_guidance_scale, cfg.run.seed))
+    assert second.dtype == np.uint8
+    assert np.abs(second.astype(int) - local[2 * n:].astype(int)).max() <= 1
+    spec = get_reward("shapes_partial")
+    texts = [r.text for r in trainer.eval_prompts for _ in range(n)]
+    expected = spec.summarize(score_frames(spec, np.moveaxis(local / 255.0, -1, -3), texts),
+                              texts)
+    assert summary == expected
 
 
 def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
