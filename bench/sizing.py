@@ -1,25 +1,58 @@
-"""Memory sizing for SD3.5-Medium, FLUX.1-dev and Wan2.1-T2V-1.3B, counted on the real classes
-(no weights, no GPU needed).
+"""What each Ray role holds for the shipped real-size configs, counted on the real classes (no
+weights, no GPU needed).
 
-Every component of the SD3.5-M pipeline is built on the meta device from its published config
-with the diffusers / transformers class the service loads, and its parameters are counted. From
-the counts: the bytes each Ray role holds (rollout actor, learner rank) in bf16, the LoRA
-adapter with its AdamW state, full fine-tuning under ZeRO-2/3, and one stored trajectory.
-Activations are not included: they depend on the GPU kernels and are measured on a GPU.
+For `sd35m_geneval` (SD3.5-Medium), `flux_pickscore` (FLUX.1-dev) and `wan21_ocr`
+(Wan2.1-T2V-1.3B), every pipeline component is built on the meta device from its published
+config with the diffusers / transformers class the service loads, in the dtype
+`opgrpo.models.component_dtype` gives it, and handed to the family's policy class
+(`SD3Policy`, `FluxPolicy`, `WanPolicy`) with the config's `model` section: the policy's own
+code places the components, adds the LoRA adapter (float32) and decides what an offloaded text
+encoder leaves in host memory. Parameters are then counted per component, per dtype and per
+place (device or host), and summed per role:
 
-    python bench/sizing.py      # writes bench/results/sizing_sd35m.json and sizing_models.json
+- rollout actor: everything the policy holds on the device (LoRA included);
+- learner rank (LoRA): the same policy plus the adapter's gradient, AdamW's two moments and
+  DeepSpeed's float32 partition (one rank: an upper bound, ZeRO shards the last three);
+- learner rank (full fine-tuning, SD3.5-M): bf16 weights and gradients, float32 master weights
+  and AdamW moments sharded by ZeRO-2 / ZeRO-3, and the frozen bf16 KL reference copy;
+- host memory: offloaded text encoders and the prompt-embedding cache at
+  `model.prompt_cache_size`.
+
+Also: the LoRA push per step, a LoRA checkpoint's size (the adapter in DeepSpeed's model file,
+the safetensors copy `opgrpo export` reads, and the optimizer's float32 partition and two
+moments: 20 bytes per trainable parameter, the layout `tests/test_learner_engine.py` checks
+on a real engine) and one stored trajectory. Activations are not counted: they depend on the
+GPU kernels and batch (`bench/gpu_check.py` measures peak memory on a GPU).
+
+    python bench/sizing.py           # writes bench/results/sizing.json, prints the tables
+    python bench/sizing.py --docs    # also rewrites the tables in README.md and
+                                     # deploy/README.md (between `sizing:` markers)
+    python bench/sizing.py --check   # exits 1 when those tables differ from the counts
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import platform
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-RESULTS = Path(__file__).resolve().parent / "results"
-GIB = 2**30
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+GIB, MIB = 2**30, 2**20
+CONFIGS = {"sd35m_geneval": "sd3", "flux_pickscore": "flux", "wan21_ocr": "wan"}
+MODEL_NAMES = {"sd3": "SD3.5-M", "flux": "FLUX.1-dev", "wan": "Wan2.1-T2V-1.3B"}
+DOCS = {"README.md": "roles", "deploy/README.md": "sd35m"}
+# Bytes per trainable LoRA parameter in a checkpoint: the adapter in DeepSpeed's model file
+# (4), its safetensors copy (4), the optimizer's float32 partition (4) and two moments (8).
+LORA_CHECKPOINT_BYTES = 20
+# On a learner rank, per LoRA parameter beyond its weight: gradient (4), DeepSpeed's float32
+# partition (4), AdamW moments (8).
+LORA_TRAIN_BYTES = 16
 
-# Published configs of the SD3.5-Medium pipeline's components.
+# Published configs of the components.
 SD35M_TRANSFORMER = {
     "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
     "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
@@ -36,13 +69,13 @@ T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_
 VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16,
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-       "use_quant_conv": False, "use_post_quant_conv": False}
-
-
+       "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 1.5305,
+       "shift_factor": 0.0609}
 FLUX_DEV_TRANSFORMER = {
     "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
     "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+FLUX_VAE = {**VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 WAN_1_3B_TRANSFORMER = {
     "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128,
     "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
@@ -53,159 +86,317 @@ UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "n
 CLIP_L_TEXT = {k: v for k, v in CLIP_L.items() if k != "projection_dim"}
 
 
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def components() -> dict[str, int]:
-    import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    with torch.device("meta"):
-        return {
-            "transformer": count(SD3Transformer2DModel(**SD35M_TRANSFORMER)),
-            "text_encoder (CLIP-L)": count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L))),
-            "text_encoder_2 (CLIP-G)": count(CLIPTextModelWithProjection(
-                CLIPTextConfig(**CLIP_G))),
-            "text_encoder_3 (T5-XXL)": count(T5EncoderModel(T5Config(**T5_XXL))),
-            "vae": count(AutoencoderKL(**VAE)),
-        }
-
-
-def lora_parameters(rank: int, targets: list[str]) -> int:
-    import torch
-    from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**SD35M_TRANSFORMER)
-    model = inject_adapter_in_model(
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets), model)
-    return sum(t.numel() for t in get_peft_model_state_dict(model).values())
-
-
-def families() -> dict[str, dict[str, int]]:
-    """Parameters per component of FLUX.1-dev and Wan2.1-T2V-1.3B."""
+def build_components(family: str, dtype) -> dict:
+    """{component: module} of a family's published pipeline on the meta device, each in the
+    dtype `component_dtype` gives it for model dtype `dtype`."""
     import torch
     from diffusers import (
         AutoencoderKL,
         AutoencoderKLWan,
         FluxTransformer2DModel,
+        SD3Transformer2DModel,
         WanTransformer3DModel,
     )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
+        CLIPTextModelWithProjection,
         T5Config,
         T5EncoderModel,
         UMT5Config,
         UMT5EncoderModel,
     )
 
+    from opgrpo.models import component_dtype
+
+    makers = {
+        "sd3": {
+            "transformer": lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER),
+            "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
+            "text_encoder_3": lambda: T5EncoderModel(T5Config(**T5_XXL)),
+            "vae": lambda: AutoencoderKL(**VAE),
+        },
+        "flux": {
+            "transformer": lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+            "text_encoder_2": lambda: T5EncoderModel(T5Config(**T5_XXL)),
+            "vae": lambda: AutoencoderKL(**FLUX_VAE),
+        },
+        "wan": {
+            "transformer": lambda: WanTransformer3DModel(**WAN_1_3B_TRANSFORMER),
+            "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL)),
+            "vae": lambda: AutoencoderKLWan(),
+        },
+    }[family]
     with torch.device("meta"):
-        return {
-            "flux1_dev": {
-                "transformer": count(FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)),
-                "text_encoder (CLIP-L)": count(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))),
-                "text_encoder_2 (T5-XXL)": count(T5EncoderModel(T5Config(**T5_XXL))),
-                "vae": count(AutoencoderKL(**VAE)),
-            },
-            "wan21_t2v_1_3b": {
-                "transformer": count(WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)),
-                "text_encoder (UMT5-XXL)": count(UMT5EncoderModel(UMT5Config(**UMT5_XXL))),
-                "vae": count(AutoencoderKLWan()),
-            },
-        }
+        return {name: as_loaded(make(), component_dtype(name, dtype))
+                for name, make in makers.items()}
 
 
-def role_table(params: dict[str, int], lora: int) -> dict:
-    weights = 2 * sum(params.values())
-    return {"parameters": params,
-            "bf16_GiB": {k: round(2 * v / GIB, 2) for k, v in params.items()},
-            "all_weights_bf16_GiB": round(weights / GIB, 2),
-            "lora_r32": {"parameters": lora, "push_MiB_fp32": round(4 * lora / 2**20, 1)},
-            "rollout_actor_GiB_before_activations": round(weights / GIB, 2),
-            "learner_rank_lora_GiB_before_activations": round((weights + 16 * lora) / GIB, 2)}
-
-
-def lora_parameters_of(model_cls, config: dict, rank: int = 32) -> int:
+def as_loaded(module, dtype):
+    """`module` cast to `dtype` as `from_pretrained(..., torch_dtype=dtype)` leaves it: the
+    modules a class lists in `_keep_in_fp32_modules` stay float32 (diffusers: for any dtype;
+    transformers: for float16)."""
     import torch
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from diffusers import ModelMixin
 
-    with torch.device("meta"):
-        model = model_cls(**config)
-    model = inject_adapter_in_model(LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model)
-    return sum(t.numel() for t in get_peft_model_state_dict(model).values())
+    module.to(dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    applies = dtype != torch.float32 if isinstance(module, ModelMixin) else (
+        dtype == torch.float16)
+    if keep and applies:
+        for name, param in module.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                param.data = param.data.float()
+    return module
 
 
-def main_families() -> None:
-    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+def meta_policy(family: str, model_config):
+    """The family's policy class over meta-device components, built with a config's `model`
+    section exactly as a rollout actor or learner rank builds it (without reading weights).
+    Offloaded text encoders are placed on the device here (meta tensors cannot move to the
+    host); `count_policy` puts them on the host by the same rule the policy uses."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    counted = families()
+    from opgrpo.models import model_dtype
+    from opgrpo.policies.flux import FluxPolicy
+    from opgrpo.policies.sd3 import SD3Policy
+    from opgrpo.policies.wan import WanPolicy
+
+    components = build_components(family, model_dtype(model_config.dtype))
+    pipeline = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                               **components)
+    if family == "wan":
+        down = components["vae"].config.temperal_downsample
+        pipeline.vae_scale_factor_spatial = 2 ** len(down)
+        pipeline.vae_scale_factor_temporal = 2 ** sum(down)
+    cls = {"sd3": SD3Policy, "flux": FluxPolicy, "wan": WanPolicy}[family]
+    return cls(pipeline, dtype=model_config.dtype, device="meta",
+               lora_rank=model_config.lora_rank, lora_alpha=model_config.lora_alpha,
+               lora_target_modules=model_config.lora_target_modules,
+               max_sequence_length=model_config.max_sequence_length,
+               num_frames=model_config.num_frames)
+
+
+def prompt_bytes(family: str, policy) -> int:
+    """Bytes of one cached prompt (token embeddings + pooled embedding) in the model dtype."""
+    size = policy.transformer.dtype.itemsize
+    config = policy.transformer.config
+    if family == "sd3":  # CLIP-L/G tokens (77) then T5 tokens; pooled CLIP-L + CLIP-G
+        return size * ((77 + policy.max_sequence_length) * config.joint_attention_dim
+                       + config.pooled_projection_dim)
+    if family == "flux":  # T5 tokens; pooled CLIP-L
+        return size * (policy.max_sequence_length * config.joint_attention_dim
+                       + config.pooled_projection_dim)
+    return size * policy.max_sequence_length * config.text_dim  # Wan: UMT5 tokens
+
+
+def count_policy(policy, offload: bool) -> dict:
+    """Per component: parameters and bytes per dtype, and where the component lives."""
+    from opgrpo.models import is_text_encoder
+
+    out: dict[str, dict] = {}
+    named = [("transformer", policy.transformer), *policy._frozen_named_modules()]
+    for name, module in named:
+        by_dtype: dict[str, int] = {}
+        for param in module.parameters():
+            if param.requires_grad:
+                continue  # the LoRA adapter, counted on its own
+            key = str(param.dtype).removeprefix("torch.")
+            by_dtype[key] = by_dtype.get(key, 0) + param.numel()
+        out[name] = {
+            "class": type(module).__name__,
+            "parameters": sum(by_dtype.values()),
+            "parameters_by_dtype": by_dtype,
+            "bytes": sum(n * _itemsize(d) for d, n in by_dtype.items()),
+            "where": "host" if offload and is_text_encoder(name) else "device",
+        }
+    lora = sum(p.numel() for p in policy.trainable_parameters()) if policy.lora_rank else 0
+    if lora:
+        out["lora"] = {"class": "peft LoRA", "parameters": lora,
+                       "parameters_by_dtype": {"float32": lora}, "bytes": 4 * lora,
+                       "where": "device"}
+    return out
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return getattr(torch, dtype).itemsize
+
+
+def trajectory_bytes(policy, config) -> int:
+    """One stored trajectory: T+1 latents at the storage dtype, plus T float32 log-probs."""
+    import math
+
+    latent = math.prod(policy.latent_shape(config.model.height, config.model.width))
+    size = 2 if config.sampling.latent_storage_dtype == "bfloat16" else 4
+    steps = config.sampling.num_steps
+    return (steps + 1) * latent * size + 4 * steps
+
+
+def full_finetune(transformer: int, others_device: int) -> dict[str, float]:
+    """GiB per learner rank for full fine-tuning in bf16: weights 2 + gradients 2 + float32
+    master 4 + AdamW moments 8 bytes per parameter; ZeRO-2 shards master, moments and
+    gradients over the ranks, ZeRO-3 also the weights; a frozen bf16 copy is the KL reference;
+    the other components as loaded."""
+    out = {}
+    for stage in (2, 3):
+        for ranks in (1, 4, 8):
+            weights = 2 * transformer / (ranks if stage == 3 else 1)
+            sharded = (2 + 4 + 8) * transformer / ranks
+            out[f"zero{stage}_{ranks}ranks"] = round(
+                (weights + sharded + 2 * transformer + others_device) / GIB, 2)
+    return out
+
+
+def size_config(name: str) -> dict:
+    from opgrpo.config import load_config
+
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    family = CONFIGS[name]
+    policy = meta_policy(family, config.model)
+    offload = config.model.offload_text_encoders
+    components = count_policy(policy, offload)
+    device = sum(c["bytes"] for c in components.values() if c["where"] == "device")
+    host = sum(c["bytes"] for c in components.values() if c["where"] == "host")
+    lora = components.get("lora", {}).get("parameters", 0)
+    per_prompt = prompt_bytes(family, policy)
+    cache = per_prompt * config.model.prompt_cache_size
     result = {
-        "benchmark": "sizing_models",
-        "what": "parameters of the real classes on the meta device, published configs",
-        "flux1_dev": role_table(counted["flux1_dev"], lora_parameters_of(
-            FluxTransformer2DModel, FLUX_DEV_TRANSFORMER)),
-        "wan21_t2v_1_3b": role_table(counted["wan21_t2v_1_3b"], lora_parameters_of(
-            WanTransformer3DModel, WAN_1_3B_TRANSFORMER)),
+        "config": f"configs/{name}.yaml",
+        "model": MODEL_NAMES[family],
+        "model_settings": {"dtype": config.model.dtype, "lora_rank": config.model.lora_rank,
+                           "lora_target_modules": list(config.model.lora_target_modules),
+                           "offload_text_encoders": offload,
+                           "prompt_cache_size": config.model.prompt_cache_size,
+                           "max_sequence_length": policy.max_sequence_length},
+        "components": components,
+        "device_GiB": {"rollout_actor": round(device / GIB, 2),
+                       "learner_rank_lora": round((device + LORA_TRAIN_BYTES * lora) / GIB, 2)},
+        "host_GiB_per_process": {
+            "offloaded_text_encoders": round(host / GIB, 2),
+            "prompt_cache_full": round(cache / GIB, 2)},
+        "prompt_cache_MiB_per_prompt": round(per_prompt / MIB, 2),
+        "lora": {"parameters": lora, "push_MiB_fp32": round(4 * lora / MIB, 1),
+                 "checkpoint_MiB": round(LORA_CHECKPOINT_BYTES * lora / MIB, 1)},
+        "trajectory_MiB": round(trajectory_bytes(policy, config) / MIB, 2),
     }
-    # Wan2.1 at 240x416, 33 frames: latents 16 x 9 x 30 x 52; 21 points for 20 SDE steps.
-    result["wan21_t2v_1_3b"]["trajectory_MiB_float32_240x416x33f_20steps"] = round(
-        21 * 16 * 9 * 30 * 52 * 4 / 2**20, 2)
-    # FLUX at 512 px, 6 SDE steps: latents 16 x 64 x 64, 7 points.
-    result["flux1_dev"]["trajectory_MiB_float32_512px_6steps"] = round(
-        7 * 16 * 64 * 64 * 4 / 2**20, 2)
-    out = RESULTS / "sizing_models.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    if family == "sd3":
+        transformer = components["transformer"]["parameters"]
+        others = device - components["transformer"]["bytes"] - components["lora"]["bytes"]
+        result["device_GiB"]["learner_rank_full_finetune"] = full_finetune(transformer, others)
+        result["full_checkpoint_GiB"] = round(
+            (2 + 4 + 8) * transformer / GIB, 2)  # bf16 weights + fp32 master + moments
+    return result
 
 
-def main() -> None:
-    params = components()
-    bf16 = {name: 2 * n for name, n in params.items()}
-    all_weights = sum(bf16.values())
-    lora = lora_parameters(32, ["to_q", "to_k", "to_v", "to_out.0"])
-    # LoRA in fp32 (weights 4 + gradients 4 + AdamW moments 8 bytes per parameter).
-    lora_train = 16 * lora
-    n_transformer = params["transformer"]
-    # Full fine-tuning in mixed precision: bf16 weights 2 + bf16 grads 2 + fp32 master 4 +
-    # AdamW moments 8 = 16 bytes per parameter; ZeRO-2 shards grads, master and moments over
-    # the ranks, ZeRO-3 also the bf16 weights. The KL reference is a frozen bf16 copy.
-    def full_per_rank(ranks: int, stage: int) -> int:
-        weights = 2 * n_transformer / (ranks if stage == 3 else 1)
-        return int(weights + 14 * n_transformer / ranks + 2 * n_transformer)
-    # One trajectory at 512 px, 10 SDE steps: 11 latents of 16 x 64 x 64, log-probs, embeds.
-    latent = 16 * 64 * 64
-    trajectory = {"float32": 11 * latent * 4, "bfloat16": 11 * latent * 2}
-    others = all_weights - bf16["transformer"]
-    result = {
-        "benchmark": "sizing_sd35m",
-        "what": "parameters of the real classes on the meta device, published configs",
-        "machine": platform.platform(),
-        "parameters": params,
-        "bf16_GiB": {k: round(v / GIB, 2) for k, v in bf16.items()},
-        "all_weights_bf16_GiB": round(all_weights / GIB, 2),
-        "lora_r32_attention": {"parameters": lora,
-                               "push_MiB_fp32": round(4 * lora / 2**20, 1),
-                               "train_state_GiB": round(lora_train / GIB, 2)},
-        "rollout_actor_GiB_before_activations": round(all_weights / GIB, 2),
-        "learner_rank_lora_GiB_before_activations": round((all_weights + lora_train) / GIB, 2),
-        "learner_rank_full_GiB_before_activations": {
-            f"zero{stage}_{ranks}ranks": round((full_per_rank(ranks, stage) + others) / GIB, 2)
-            for stage in (2, 3) for ranks in (1, 4, 8)},
-        "trajectory_MiB": {k: round(v / 2**20, 2) for k, v in trajectory.items()},
-    }
+def measure() -> dict:
+    import platform
+
+    import diffusers
+    import torch
+    import transformers
+
+    return {"benchmark": "sizing",
+            "what": "parameters of the real classes on the meta device (published configs), "
+                    "placed by the policy classes with the shipped configs' model sections",
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+            "machine": platform.platform(),
+            "configs": {name: size_config(name) for name in CONFIGS}}
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:.2f}"
+
+
+def roles_table(result: dict) -> str:
+    """README: per shipped config, what one process holds."""
+    lines = ["| config | on the GPU, rollout actor | on the GPU, learner rank (LoRA) | "
+             "host, per process | LoRA push / checkpoint | trajectory |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["configs"].items():
+        parts = ", ".join(f"{k} {_gib(c['bytes'])}" for k, c in r["components"].items()
+                          if c["where"] == "device" and c["bytes"] >= GIB)
+        host = r["host_GiB_per_process"]
+        held = (f"{host['offloaded_text_encoders']:.2f} GiB encoders + " if
+                host["offloaded_text_encoders"] else "")
+        lines.append(
+            f"| {r['model']} (`{name}`) | {r['device_GiB']['rollout_actor']:.2f} GiB ({parts}) "
+            f"| {r['device_GiB']['learner_rank_lora']:.2f} GiB | {held}"
+            f"{host['prompt_cache_full']:.2f} GiB prompt cache "
+            f"({r['model_settings']['prompt_cache_size']} x "
+            f"{r['prompt_cache_MiB_per_prompt']:.2f} MiB) "
+            f"| {r['lora']['push_MiB_fp32']:.1f} / {r['lora']['checkpoint_MiB']:.1f} MiB "
+            f"| {r['trajectory_MiB']:.2f} MiB |")
+    return "\n".join(lines)
+
+
+def sd35m_table(result: dict) -> str:
+    """deploy/README: SD3.5-M per component and per role."""
+    r = result["configs"]["sd35m_geneval"]
+    lines = ["| component | class | parameters | dtype | GiB | where |",
+             "|---|---|---|---|---|---|"]
+    for name, c in r["components"].items():
+        dtypes = ", ".join(f"{d} {n / 1e9:.3f} B" for d, n in c["parameters_by_dtype"].items())
+        lines.append(f"| {name} | `{c['class']}` | {c['parameters'] / 1e9:.3f} B | {dtypes} | "
+                     f"{_gib(c['bytes'])} | {c['where']} |")
+    full = r["device_GiB"]["learner_rank_full_finetune"]
+    lines += ["", "| role | GiB on the GPU before activations |", "|---|---|",
+              f"| rollout actor | {r['device_GiB']['rollout_actor']:.2f} |",
+              f"| learner rank, LoRA r{r['model_settings']['lora_rank']} "
+              f"({r['lora']['parameters'] / 1e6:.1f} M parameters) | "
+              f"{r['device_GiB']['learner_rank_lora']:.2f} |",
+              f"| learner rank, full fine-tuning, ZeRO-2, 8 ranks | {full['zero2_8ranks']} |",
+              f"| learner rank, full fine-tuning, ZeRO-3, 8 ranks | {full['zero3_8ranks']} |",
+              "", f"A LoRA checkpoint: {r['lora']['checkpoint_MiB']:.1f} MiB (adapter, its "
+              f"safetensors copy, optimizer state); a full fine-tuning checkpoint: "
+              f"{r['full_checkpoint_GiB']:.2f} GiB. The prompt cache holds "
+              f"{r['prompt_cache_MiB_per_prompt']:.2f} MiB per prompt in host memory "
+              f"({r['host_GiB_per_process']['prompt_cache_full']:.2f} GiB at "
+              f"`prompt_cache_size: {r['model_settings']['prompt_cache_size']}`)."]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, key: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- sizing:{key} -->\n).*?(\n<!-- /sizing:{key} -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- sizing:{key} --> block")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def render_docs(result: dict) -> dict[str, str]:
+    """{doc path: text with its sizing block regenerated}."""
+    tables = {"roles": roles_table(result), "sd35m": sd35m_table(result)}
+    return {doc: replace_block((ROOT / doc).read_text(), key, tables[key])
+            for doc, key in DOCS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", action="store_true", help="rewrite the docs' sizing tables")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the docs' sizing tables differ from the counts")
+    args = parser.parse_args(argv)
+    result = measure()
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "sizing_sd35m.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    (RESULTS / "sizing.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(roles_table(result), "\n", sd35m_table(result), sep="\n")
+    stale = [doc for doc, text in render_docs(result).items()
+             if text != (ROOT / doc).read_text()]
+    if args.docs:
+        for doc, text in render_docs(result).items():
+            (ROOT / doc).write_text(text)
+        print(f"rewrote the sizing tables of {', '.join(DOCS)}")
+    elif args.check and stale:
+        print(f"sizing tables out of date in {', '.join(stale)}: run python bench/sizing.py "
+              "--docs", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
-    main_families()
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
