@@ -166,7 +166,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     plot_pretrain_losses(out)
     shown = 12 * args.n_per_prompt
     save_grid(images[:shown], [r.text for r in records[:12]], out / "samples.png",
-              args.n_per_prompt, [f"strict={v:.0f}" for v in scores["strict"][:shown]])
+              args.n_per_prompt, [f"strict={v:.2f}" for v in scores["strict"][:shown]])
     print(json.dumps(summary))
     return 0
 
