@@ -1,0 +1,280 @@
+"""OP-GRPO's step saving where its mechanism applies: the hard shapes prompts, clipping active.
+
+Section 1 of BENCHMARKS.md found no step saving on the shipped shapes prompts, where the base
+model fails only 7-8% of its groups as a whole. This benchmark trains on the prompts the base
+model fails most (`bench/hard_prompts.py`: solved at most 1 in 8 times), evaluates on hard
+held-out test prompts of the same tags, and runs Flow-GRPO's two optimizer steps per batch so
+that the clip range is active.
+
+Arms (each with seeds 0, 1, 2, paired by seed: the same seed draws the same prompts and image
+seeds in every arm):
+- `grpo`: on-policy GRPO (rho 0);
+- `opgrpo`: the paper's defaults (rho 0.125, sequence correction, K = 7 of 10, uniform draw);
+- `none`, `naive`: OP-GRPO with the correction ablated (`learner.correction`);
+- `need`: OP-GRPO with replay where it is needed (`buffer.replay_draw: fail_rate`): buffer
+  prompts are drawn by how often their latest fresh group failed, so a stored success lands in
+  a group that would otherwise be all zero.
+
+Every run is a real `opgrpo train` of `configs/shapes_tiny.yaml` with the overrides below, in
+`bench/runs/hard_regime/<name>/`; an interrupted run resumes from its latest checkpoint, a
+finished run is skipped, and each finished run's curves go at once to
+`bench/results/hard_regime/<name>.json`, so the benchmark completes over several sittings.
+Runs use one torch thread each (sync mode), so two can share the machine: the step counts do
+not depend on timing; seconds per step are compared only between runs made the same way.
+
+    python bench/hard_regime.py run [--only grpo-s0 ...]    # run/resume what is not done
+    python bench/hard_regime.py noise RUN STEP              # eval noise: a checkpoint, 2 seeds
+    python bench/hard_regime.py report                      # JSON + PNG from finished runs
+    python bench/hard_regime.py list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+from train_runner import read_rows, train_or_resume
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs" / "hard_regime"
+RESULTS = ROOT / "bench" / "results" / "hard_regime"
+SUMMARY = ROOT / "bench" / "results" / "hard_regime.json"
+CONFIG = "configs/shapes_tiny.yaml"
+STEPS, EVAL_EVERY, EVAL_IMAGES = 300, 25, 8
+SEEDS = (0, 1, 2)
+COMMON = ["train.prompts_file=configs/shapes/hard_train_metadata.jsonl",
+          "train.eval_prompts_file=configs/shapes/hard_test_metadata.jsonl",
+          f"train.eval_images_per_prompt={EVAL_IMAGES}", "learner.learning_rate=1e-5",
+          "learner.optimizer_steps_per_pass=2", "train.mode=sync", "run.torch_threads=1",
+          "train.checkpoint_every=25", "train.keep_checkpoints=20"]
+ARMS = {
+    "grpo": ["buffer.off_policy_fraction=0"],
+    "opgrpo": [],
+    "need": ["buffer.replay_draw=fail_rate"],
+    "none": ["learner.correction=none"],
+    "naive": ["learner.correction=naive"],
+}
+# seed-major: the paired GRPO / OP-GRPO / replay-where-needed comparison of a seed comes first
+RUNS_DEFINED = {f"{arm}-s{seed}": [f"run.seed={seed}", *overrides]
+                for seed in SEEDS for arm, overrides in ARMS.items()}
+KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "reward/dataset_prompts_mean",
+        "loss/clipfrac", "loss/clipfrac_offpolicy", "loss/seq_weight_mean", "loss/seq_weight_max",
+        "loss/approx_kl", "loss/kl", "adv/masked_fraction", "buffer/size",
+        "buffer/replayed_prompt_fraction", "buffer/replayed_into_all_fail_fraction",
+        "policy/version_lag_max", "time/iteration")
+
+
+def _finished(name: str) -> bool:
+    return (RESULTS / f"{name}.json").is_file()
+
+
+def run_one(name: str) -> dict:
+    overrides = [*COMMON, *RUNS_DEFINED[name], f"run.name={name}",
+                 f"run.output_dir={RUNS.relative_to(ROOT)}", f"train.num_steps={STEPS}",
+                 f"train.eval_every={EVAL_EVERY}"]
+    train_or_resume(ROOT, RUNS / name, CONFIG, overrides)
+    rows = read_rows(RUNS / name / "metrics.jsonl")
+    evals = read_rows(RUNS / name / "eval.jsonl")
+    result = {"name": name, "overrides": overrides, "config": CONFIG, "steps": len(rows),
+              "eval": [{"step": e["step"], "strict": e["strict"], "partial": e["partial"],
+                        "per_tag": e.get("per_tag", {})} for e in evals],
+              "metrics": {key: [r.get(key) for r in rows] for key in KEPT}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+def eval_noise(name: str, step: int, seeds: tuple[int, int] = (1000, 2000)) -> dict:
+    """Strict accuracy of one checkpoint on the hard test prompts with two sets of image seeds
+    (as many images as a training-time evaluation): the eval noise the curves carry."""
+    import torch
+
+    from opgrpo.config import load_config
+    from opgrpo.evaluate import EvalSettings, evaluate
+    from opgrpo.export import WEIGHTS_FILE, checkpoint_tag, load_trainable
+    from opgrpo.models import FlowPolicy
+    from opgrpo.prompts import load_prompts
+
+    run_dir = RUNS / name
+    config = load_config(run_dir / "config.yaml")
+    policy = FlowPolicy.from_config(config)
+    state, _ = load_trainable(run_dir / "checkpoints" / checkpoint_tag(run_dir, step)
+                              / WEIGHTS_FILE)
+    policy.load_trainable_state_dict(state)
+    records = load_prompts(ROOT / config.train.eval_prompts_file)
+    torch.set_num_threads(2)
+    out = {}
+    for seed in seeds:
+        settings = EvalSettings(EVAL_IMAGES, config.sampling.eval_num_steps,
+                                config.sampling.eval_guidance_scale, seed,
+                                height=config.model.height, width=config.model.width)
+        summary, _, _ = evaluate(policy, records, "shapes", settings)
+        out[f"seed{seed}"] = summary["strict"]
+    values = list(out.values())
+    result = {"run": name, "step": step, "images": EVAL_IMAGES * len(records), **out,
+              "difference": abs(values[0] - values[1]),
+              # binomial standard error of one evaluation at this accuracy and image count
+              "binomial_se": float(np.sqrt(values[0] * (1 - values[0])
+                                           / (EVAL_IMAGES * len(records))))}
+    (RESULTS.parent / "hard_regime_eval_noise.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _smooth(values: np.ndarray, window: int = 3) -> np.ndarray:
+    return np.array([values[max(0, i - window + 1): i + 1].mean() for i in range(len(values))])
+
+
+def _curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([e["step"] for e in result["eval"]]),
+            _smooth(np.array([e["strict"] for e in result["eval"]])))
+
+
+def _first_reach(curve: np.ndarray, steps: np.ndarray, target: float) -> int | None:
+    hit = np.nonzero(curve >= target - 1e-12)[0]
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def _series(result: dict, key: str) -> np.ndarray:
+    values = result["metrics"].get(key) or []
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _nanstat(fn, values: np.ndarray) -> float | None:
+    return float(fn(values)) if np.isfinite(values).any() else None
+
+
+def report() -> dict:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+               if p.stem in RUNS_DEFINED}
+    out: dict = {"runs_done": sorted(results),
+                 "runs_missing": [n for n in RUNS_DEFINED if n not in results],
+                 "settings": {"config": CONFIG, "common_overrides": COMMON, "steps": STEPS,
+                              "eval_every": EVAL_EVERY, "eval_images_per_prompt": EVAL_IMAGES},
+                 "arms": {}, "per_run": {}}
+    hard = ROOT / "bench" / "results" / "hard_prompts.json"
+    if hard.is_file():
+        out["prompt_sets"] = json.loads(hard.read_text())["sets"]
+    for name, r in results.items():
+        steps, curve = _curve(r)
+        iteration = _series(r, "time/iteration")
+        out["per_run"][name] = {
+            "final_strict_smoothed": float(curve[-1]),
+            "masked_group_fraction_mean": _nanstat(np.nanmean, _series(r, "adv/masked_fraction")),
+            "clipfrac": _nanstat(np.nanmean, _series(r, "loss/clipfrac")),
+            "clipfrac_offpolicy": _nanstat(np.nanmean, _series(r, "loss/clipfrac_offpolicy")),
+            "replayed_into_all_fail_fraction": _nanstat(
+                np.nanmean, _series(r, "buffer/replayed_into_all_fail_fraction")),
+            "seq_weight_mean": _nanstat(np.nanmean, _series(r, "loss/seq_weight_mean")),
+            "seq_weight_max": _nanstat(np.nanmax, _series(r, "loss/seq_weight_max")),
+            "version_lag_max": _nanstat(np.nanmax, _series(r, "policy/version_lag_max")),
+            "seconds_per_iteration_median": _nanstat(np.nanmedian, iteration),
+        }
+    for arm in ARMS:
+        finals = {s: out["per_run"][f"{arm}-s{s}"]["final_strict_smoothed"] for s in SEEDS
+                  if f"{arm}-s{s}" in results}
+        if finals:
+            out["arms"][arm] = {"final_strict": {"mean": float(np.mean(list(finals.values()))),
+                                                 "std": float(np.std(list(finals.values()))),
+                                                 "per_seed": finals}}
+    # steps to reach GRPO's final accuracy: against the mean over GRPO's seeds, and paired
+    # (each seed against the same seed's GRPO final); a seed that never reaches it counts as
+    # the whole budget in the censored ratio (a lower bound on the true ratio)
+    grpo = {s: results[f"grpo-s{s}"] for s in SEEDS if f"grpo-s{s}" in results}
+    if grpo:
+        target = float(np.mean([_curve(r)[1][-1] for r in grpo.values()]))
+        out["grpo_final_target"] = target
+        for arm in ARMS:
+            if arm == "grpo":
+                continue
+            runs = {s: results[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in results}
+            if not runs:
+                continue
+            reach = {s: _first_reach(*reversed(_curve(r)), target) for s, r in runs.items()}
+            paired = {s: _first_reach(*reversed(_curve(r)), _curve(grpo[s])[1][-1])
+                      for s, r in runs.items() if s in grpo}
+            censored = [STEPS if n is None else n for n in paired.values()]
+            seconds = {}
+            for s, r in runs.items():
+                if paired.get(s) is not None:
+                    seconds[s] = float(np.nansum(_series(r, "time/iteration")[:paired[s]]))
+            out["arms"][arm].update({
+                "steps_to_grpo_mean_final": reach,
+                "steps_to_same_seed_grpo_final": paired,
+                "paired_step_ratio_censored": (float(np.mean(censored)) / STEPS
+                                               if censored else None),
+                "train_seconds_to_same_seed_grpo_final": seconds})
+        out["arms"]["grpo"]["train_seconds_total"] = {
+            s: float(np.nansum(_series(r, "time/iteration"))) for s, r in grpo.items()}
+    noise = RESULTS.parent / "hard_regime_eval_noise.json"
+    if noise.is_file():
+        out["eval_noise"] = json.loads(noise.read_text())
+    SUMMARY.write_text(json.dumps(out, indent=2) + "\n")
+    if results:
+        plot(results, SUMMARY.with_suffix(".png"))
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per arm: the seed-mean smoothed eval curve with the seeds' min-max band; and the
+    masked-group fraction over training."""
+    from plotting import figure, save
+
+    fig, axes = figure(2, figsize=(13, 4.5))
+    for k, arm in enumerate(ARMS):
+        runs = [results[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in results]
+        if not runs:
+            continue
+        colour = f"C{k}"
+        length = min(len(r["eval"]) for r in runs)
+        steps = _curve(runs[0])[0][:length]
+        curves = np.array([_curve(r)[1][:length] for r in runs])
+        axes[0].plot(steps, curves.mean(0), color=colour, marker="o", ms=3,
+                     label=f"{arm} ({len(runs)} seeds)")
+        axes[0].fill_between(steps, curves.min(0), curves.max(0), color=colour, alpha=0.15)
+        masked = np.array([_series(r, "adv/masked_fraction")[:min(r["steps"] for r in runs)]
+                           for r in runs])
+        window = 25
+        smooth = np.array([np.nanmean(masked[:, max(0, i - window + 1): i + 1])
+                           for i in range(masked.shape[1])])
+        axes[1].plot(np.arange(1, len(smooth) + 1), smooth, color=colour, label=arm)
+    axes[0].set(title="hard test prompts: strict accuracy (3-eval trailing mean; band: seeds)",
+                xlabel="training step", ylabel="eval strict accuracy")
+    axes[1].set(title="masked (all-equal) groups, 25-step mean over seeds",
+                xlabel="training step", ylabel="fraction of groups")
+    save(fig, axes, path, legend_size=8)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or resume) the runs not finished yet")
+    p.add_argument("--only", nargs="+", default=None, choices=list(RUNS_DEFINED))
+    n = sub.add_parser("noise", help="evaluate one checkpoint with two image seeds")
+    n.add_argument("run", choices=list(RUNS_DEFINED))
+    n.add_argument("step", type=int)
+    sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
+    sub.add_parser("list", help="which runs are finished")
+    args = parser.parse_args()
+    if args.command == "list":
+        for name in RUNS_DEFINED:
+            print(f"{'done' if _finished(name) else 'todo'}  {name}")
+        return
+    if args.command == "noise":
+        print(json.dumps(eval_noise(args.run, args.step), indent=2))
+        return
+    if args.command == "run":
+        for name in args.only or list(RUNS_DEFINED):
+            if not _finished(name):
+                run_one(name)
+                print(json.dumps(report()["per_run"].get(name)), flush=True)
+    print(json.dumps(report(), indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
