@@ -103,7 +103,9 @@ class BufferService:
             self.client, namespace, buffer_config["capacity"], buffer_config["decay_gamma"],
             buffer_config["max_age"], buffer_config["admit_min_advantage"],
             keep_removed=buffer_config["exact_resume"],
-            replayed_winners=buffer_config["replayed_winners"]))
+            replayed_winners=buffer_config["replayed_winners"],
+            replay_draw=buffer_config["replay_draw"],
+            replay_draw_floor=buffer_config["replay_draw_floor"]))
         self.latent_dtype = latent_dtype
         self.busy_s = 0.0  # seconds spent in admit/sample/evict, reported by stats()
         self.outages = 0  # times Redis stopped answering and came back
@@ -138,9 +140,10 @@ class BufferService:
         """Offer group winners of one rollout chunk.
 
         `trajectories` is the chunk's trajectories, passed as an object ref and resolved by
-        Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`, and a
-        replayed one also `prefix_step` (the insert step of the entry it was replayed from).
-        Returns the outcome name of each candidate.
+        Ray; each candidate names `index` in the chunk, `reward`, `advantage`, `step`, a
+        replayed one also `prefix_step` (the insert step of the entry it was replayed from),
+        and one from a group with fresh samples `fresh_rate` (the group's fresh success rate,
+        `buffer_service.rules.fresh_success_rate`). Returns the outcome name of each candidate.
         """
         with self._busy():
             return [self._admit_one(trajectories, cand).value for cand in candidates]
@@ -151,7 +154,8 @@ class BufferService:
         return self._redis("admit a trajectory", lambda: self.store.admit(
             traj.prompt_key, cand["reward"], cand["advantage"], cand["step"],
             traj.behaviour_version, payload, prompt=traj.prompt,
-            prefix_step=cand.get("prefix_step")))  # absent for a fresh trajectory
+            prefix_step=cand.get("prefix_step"),  # absent for a fresh trajectory
+            fresh_rate=cand.get("fresh_rate")))  # absent for a group with no fresh sample
 
     @contextlib.contextmanager
     def _busy(self):

@@ -23,6 +23,25 @@ behaviour-policy data go. So the age of an entry is the age of its oldest transi
   rejected (``REJECTED_EXPIRED``).
 - ``exclude``: replayed winners are never admitted (``REJECTED_REPLAYED``); the group adds
   nothing, and the stored entry ages on.
+
+Replay draw (``buffer.replay_draw``). Which stored entries a step replays:
+- ``uniform`` (default, the paper's): ``n`` distinct entries, uniformly among the non-expired.
+- ``fail_rate``: a replayed success carries learning signal mainly when the fresh samples of its
+  group would otherwise all fail (all-equal rewards give zero advantages: a masked group), so
+  prompts the current policy rarely solves are drawn more often. Each stored prompt keeps ``s``,
+  its latest fresh success rate: for the most recent group of the prompt offered to the buffer,
+  ``s = mean(fresh rewards) / winner reward`` clipped to [0, 1] (`fresh_success_rate`; the
+  group's replayed sample is not among the fresh ones, and ``s = 0`` when the winner's reward
+  is <= 0). For binary rewards that is the share of fresh samples that succeeded. ``s`` is set
+  when the entry is admitted and updated by every later offer of the same prompt, admitted or
+  rejected (a rejected offer still tells how the current policy does on it); an offer from a
+  group with no fresh sample leaves it as it is; it goes with the prompt's entry when that is
+  evicted or replaced by another prompt. Entries are drawn without replacement with probability
+  proportional to ``w = max(buffer.replay_draw_floor, 1 - s)`` (`replay_weight`; an entry with
+  no recorded ``s`` counts as unsolved, ``w = 1``), by `fail_rate_order`: Efraimidis-Spirakis
+  keys ``u ** (1 / w)`` over the candidates sorted by prompt key, so the draw depends only on
+  the stored state and the rng. The floor keeps solved prompts drawable (their entries still
+  age and decay as usual); ``floor = 1`` draws uniformly.
 """
 
 from __future__ import annotations
@@ -30,10 +49,12 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 REPLAYED_WINNERS = ("keep_age", "exclude")  # choices of buffer.replayed_winners
+REPLAY_DRAWS = ("uniform", "fail_rate")  # choices of buffer.replay_draw
 
 
 def _check_gamma(gamma: float, name: str = "gamma") -> None:
@@ -133,6 +154,61 @@ def check_replayed_winners(mode: str) -> None:
         raise ValueError(f"buffer.replayed_winners must be one of {REPLAYED_WINNERS}, got {mode!r}")
 
 
+def check_replay_draw(mode: str, floor: float) -> None:
+    if mode not in REPLAY_DRAWS:
+        raise ValueError(f"buffer.replay_draw must be one of {REPLAY_DRAWS}, got {mode!r}")
+    if (isinstance(floor, bool) or not isinstance(floor, (int, float))
+            or not 0.0 < floor <= 1.0):
+        raise ValueError(f"buffer.replay_draw_floor must be in (0, 1], got {floor!r}")
+
+
+def check_fresh_rate(rate: float | None, prompt_key: str) -> None:
+    """A fresh success rate offered with a candidate: None (no fresh sample) or in [0, 1]."""
+    if rate is None:
+        return
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"fresh_rate must be None or in [0, 1], got {rate!r} for prompt "
+                         f"{prompt_key!r}; see fresh_success_rate")
+
+
+def fresh_success_rate(mean_fresh_reward: float, winner_reward: float) -> float:
+    """``s`` of the module docstring: the group's mean fresh reward over its winner's reward,
+    clipped to [0, 1]; 0 when the winner's reward is <= 0 (nothing positive was reached)."""
+    if not (math.isfinite(mean_fresh_reward) and math.isfinite(winner_reward)):
+        raise ValueError(f"rewards must be finite, got mean {mean_fresh_reward!r} and winner "
+                         f"{winner_reward!r}")
+    if winner_reward <= 0.0:
+        return 0.0
+    return min(1.0, max(0.0, mean_fresh_reward / winner_reward))
+
+
+def replay_weight(rate: float | None, floor: float) -> float:
+    """Draw weight under ``fail_rate``: ``max(floor, 1 - s)``; 1 when no ``s`` is recorded."""
+    if rate is None:
+        return 1.0
+    return max(floor, 1.0 - rate)
+
+
+def fail_rate_order(rates: Mapping[str, float | None], floor: float,
+                    rng: random.Random) -> list[str]:
+    """Every key of ``rates`` (prompt key -> recorded ``s`` or None) in the order of successive
+    draws without replacement, each draw picking a remaining key with probability proportional
+    to its `replay_weight`: the first ``n`` are a weighted sample of ``n``, and so are the first
+    ``n`` of any subset (a backend skipping damaged entries keeps the distribution).
+
+    Efraimidis-Spirakis: key ``u ** (1 / w)`` per candidate, largest first, computed as
+    ``log(u) / w`` (no underflow for small weights) with ``u = 1 - rng.random()`` in (0, 1].
+    Candidates are taken in prompt-key order, one ``rng.random()`` each, and ties keep that
+    order: the result depends only on the rates and the rng state.
+    """
+    scored = []
+    for key in sorted(rates):
+        u = 1.0 - rng.random()
+        scored.append((math.log(u) / replay_weight(rates[key], floor), key))
+    scored.sort(key=lambda item: -item[0])  # stable: equal keys stay in prompt-key order
+    return [key for _, key in scored]
+
+
 def decide_admission(
     reward: float,
     advantage: float,
@@ -209,6 +285,8 @@ class ReplayBufferRules:
         max_age: int | None = None,
         admit_min_advantage: float = 0.0,
         replayed_winners: str = "keep_age",
+        replay_draw: str = "uniform",
+        replay_draw_floor: float = 0.05,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"buffer.capacity must be > 0, got {capacity!r}")
@@ -224,13 +302,17 @@ class ReplayBufferRules:
                 f"buffer.admit_min_advantage must be a finite number, got {admit_min_advantage!r}"
             )
         check_replayed_winners(replayed_winners)
+        check_replay_draw(replay_draw, replay_draw_floor)
         self.capacity = capacity
         self.replayed_winners = replayed_winners
+        self.replay_draw = replay_draw
+        self.replay_draw_floor = float(replay_draw_floor)
         self.gamma = float(gamma)
         self.max_age = max_age
         self.admit_min_advantage = float(admit_min_advantage)
 
         self._entries: dict[str, BufferEntry] = {}
+        self._rates: dict[str, float] = {}  # prompt_key -> latest fresh success rate s
         self._heap: list[tuple[tuple[int, float], int, str]] = []
         self._live_seq: dict[str, int] = {}
         self._next_seq = 0
@@ -269,6 +351,10 @@ class ReplayBufferRules:
             raise KeyError(f"prompt {prompt_key!r} is not in the replay buffer")
         return decayed_priority(entry.reward, step - entry.insert_step, self.gamma)
 
+    def fresh_rate(self, prompt_key: str) -> float | None:
+        """The stored prompt's latest fresh success rate ``s``, None if not recorded."""
+        return self._rates.get(prompt_key)
+
     def lowest_entry(self) -> BufferEntry | None:
         """The entry with the lowest priority (the same at every step), or None if empty."""
         heap = self._heap
@@ -290,6 +376,7 @@ class ReplayBufferRules:
         weight_version: int,
         payload: object = None,
         prefix_step: int | None = None,
+        fresh_rate: float | None = None,
     ) -> AdmissionOutcome:
         """Offer a group's best trajectory to the buffer at training step ``step``.
 
@@ -301,11 +388,16 @@ class ReplayBufferRules:
         ``prefix_step``: for a replayed (mixed) trajectory, the insert step of the entry it was
         replayed from (None for a fresh one). Under ``keep_age`` it is stored with that insert
         step and competes with its reward decayed from it; under ``exclude`` it is rejected.
+
+        ``fresh_rate``: ``s`` of the candidate's group (`fresh_success_rate`), None when the
+        group had no fresh sample. It becomes the prompt's recorded rate whenever the prompt is
+        stored after the offer, admitted or not (see the module docstring).
         """
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward!r} for prompt {prompt_key!r}")
         if math.isnan(advantage):
             raise ValueError(f"advantage must not be NaN (prompt {prompt_key!r})")
+        check_fresh_rate(fresh_rate, prompt_key)
         self._advance_to(step)
         self._evict_expired(step)
 
@@ -319,12 +411,19 @@ class ReplayBufferRules:
             prefix_step=prefix_step, max_age=self.max_age, replayed_winners=self.replayed_winners,
         )
         if not outcome.admitted:
+            if stored is not None and fresh_rate is not None:
+                self._rates[prompt_key] = float(fresh_rate)  # still news about the prompt
             return self._reject(outcome)
         if outcome is AdmissionOutcome.REPLACED_SAME_PROMPT:
+            previous_rate = self._rates.get(prompt_key)
             self._remove(prompt_key)
+            if previous_rate is not None:  # the same prompt: its rate stays until news
+                self._rates[prompt_key] = previous_rate
         elif outcome is AdmissionOutcome.REPLACED_LOWEST:
             self._remove(lowest.prompt_key)
         self._store(candidate)
+        if fresh_rate is not None:
+            self._rates[prompt_key] = float(fresh_rate)
         return self._admitted(outcome)
 
     def evict_expired(self, step: int) -> list[str]:
@@ -336,17 +435,23 @@ class ReplayBufferRules:
         return self._evict_expired(step)
 
     def sample(self, n: int, step: int, rng: random.Random) -> list[BufferEntry]:
-        """Up to ``n`` distinct entries drawn uniformly among those not expired at ``step``.
+        """Up to ``n`` distinct entries drawn among those not expired at ``step``: uniformly,
+        or under ``replay_draw = "fail_rate"`` weighted by `replay_weight` (`fail_rate_order`).
 
         ``rng`` is a stdlib ``random.Random`` (no numpy needed). Candidates are sorted by prompt
-        key before drawing, so the result depends only on the stored entries and the rng state,
-        not on the order of past operations. Sampling does not evict.
+        key before drawing, so the result depends only on the stored entries (and rates) and
+        the rng state, not on the order of past operations. Sampling does not evict.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self._advance_to(step)
         candidates = sorted(key for key in self._entries if not self._is_expired(key, step))
-        chosen = rng.sample(candidates, min(n, len(candidates)))
+        if self.replay_draw == "fail_rate":
+            order = fail_rate_order({key: self._rates.get(key) for key in candidates},
+                                    self.replay_draw_floor, rng)
+            chosen = order[:n]
+        else:
+            chosen = rng.sample(candidates, min(n, len(candidates)))
         return [self._entries[key] for key in chosen]
 
     # ----- internals -----------------------------------------------------------------------
@@ -393,6 +498,7 @@ class ReplayBufferRules:
 
     def _remove(self, prompt_key: str) -> None:
         del self._entries[prompt_key]
+        self._rates.pop(prompt_key, None)
         del self._live_seq[prompt_key]  # its items in both heaps become stale
         if len(self._heap) > 2 * len(self._entries) + _HEAP_SLACK:
             self._heap = self._live_items(self._heap)

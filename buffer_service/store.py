@@ -12,16 +12,23 @@ Layout under a namespace `ns` (one per run):
 - `ns:admitted`: sorted set, member = prompt key, score = the step it was admitted (rollback:
   a replayed winner admitted after a checkpoint may carry an insert step before it).
 - `ns:stats`: hash of counters (admissions, replacements, evictions, rejections).
+- `ns:fresh_rate`: hash, prompt key -> latest fresh success rate `s` of a stored prompt (the
+  `buffer.replay_draw = fail_rate` weights, see `buffer_service.rules`): written with an
+  admitted entry, updated by a rejected offer of a stored prompt, deleted with the entry when
+  it is evicted or replaced by another prompt. Recorded in every draw mode.
 - `ns:config`: hash of capacity and gamma; reopening with another gamma is refused because the
   stored order scores depend on it.
 - `ns:gone:<n>` + sorted set `ns:gone` (score = the step of removal): entries replaced or evicted
   since the last checkpoint, kept (when `keep_removed`) so that `rollback_to(step)` rebuilds the
   buffer exactly as it was at that checkpoint; `purge_removed(step)` drops them once a later
-  checkpoint is safely written. `ns:stats_at`: the counters at each checkpoint, same purpose.
+  checkpoint is safely written. `ns:stats_at`: the counters at each checkpoint, and
+  `ns:fresh_rate_at` the whole `ns:fresh_rate` hash (JSON, one float per entry), same purpose:
+  a rate updated by a rejected offer after the checkpoint changes no entry, so the removed
+  entries alone could not undo it.
 
-Every admission is one optimistic transaction (WATCH / MULTI / EXEC): the entry, both sorted
-sets and the counters change together or not at all, so a run that dies mid-admission leaves a
-consistent buffer.
+Every admission is one optimistic transaction (WATCH / MULTI / EXEC): the entry, the sorted
+sets, the fresh rate and the counters change together or not at all, so a run that dies
+mid-admission leaves a consistent buffer.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ import redis
 from buffer_service.rules import (
     AdmissionOutcome,
     BufferEntry,
+    check_fresh_rate,
+    check_replay_draw,
     check_replayed_winners,
     decide_admission,
+    fail_rate_order,
     priority_order_key,
 )
 
@@ -79,6 +89,18 @@ class CorruptEntry(ValueError):
     """A stored entry is missing fields, does not parse, or fails its checksum."""
 
 
+def _parse_rate(raw: bytes | None) -> float | None:
+    """A stored fresh rate; None when absent or unreadable (the entry then counts as unsolved:
+    a damaged rate only changes a draw weight, so it is not worth evicting the entry)."""
+    if raw is None:
+        return None
+    try:
+        rate = float(raw)
+    except ValueError:
+        return None
+    return rate if 0.0 <= rate <= 1.0 else None
+
+
 def _parse_entry(prompt_key: str, raw: dict[bytes, bytes]) -> StoredEntry:
     try:
         payload = raw[b"payload"]
@@ -110,10 +132,13 @@ class RedisBufferStore:
         admit_min_advantage: float = 0.0,
         keep_removed: bool = True,
         replayed_winners: str = "keep_age",
+        replay_draw: str = "uniform",
+        replay_draw_floor: float = 0.05,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"buffer.capacity must be > 0, got {capacity}")
         check_replayed_winners(replayed_winners)
+        check_replay_draw(replay_draw, replay_draw_floor)
         self.client = client
         self.ns = namespace
         self.capacity = capacity
@@ -122,11 +147,14 @@ class RedisBufferStore:
         self.admit_min_advantage = admit_min_advantage
         self.keep_removed = keep_removed
         self.replayed_winners = replayed_winners
+        self.replay_draw = replay_draw
+        self.replay_draw_floor = float(replay_draw_floor)
         self._order, self._age = f"{namespace}:order", f"{namespace}:age"
         self._admitted = f"{namespace}:admitted"
         self._stats, self._config = f"{namespace}:stats", f"{namespace}:config"
         self._gone, self._gone_seq = f"{namespace}:gone", f"{namespace}:gone_seq"
         self._stats_at = f"{namespace}:stats_at"
+        self._rates, self._rates_at = f"{namespace}:fresh_rate", f"{namespace}:fresh_rate_at"
         self._check_config()
 
     def _entry_key(self, prompt_key: str) -> str:
@@ -147,8 +175,15 @@ class RedisBufferStore:
         return int(self.client.zcard(self._order))
 
     def stats(self) -> dict[str, int]:
-        raw = self.client.hgetall(self._stats)
+        return self._parse_stats(self.client.hgetall(self._stats))
+
+    @staticmethod
+    def _parse_stats(raw: dict[bytes, bytes]) -> dict[str, int]:
         return {name: int(raw.get(name.encode(), 0)) for name in STAT_NAMES}
+
+    def fresh_rate(self, prompt_key: str) -> float | None:
+        """The stored prompt's latest fresh success rate `s`, None if not recorded."""
+        return _parse_rate(self.client.hget(self._rates, prompt_key))
 
     def _meta(self, reader, prompt_key: str) -> BufferEntry | None:
         reward, step, version = reader.hmget(
@@ -183,9 +218,14 @@ class RedisBufferStore:
         last = int(self.client.incrby(self._gone_seq, n))
         return [f"{self.ns}:gone:{i}" for i in range(last - n + 1, last + 1)]
 
-    def _retire(self, tx, prompt_key: str, name: str | None, step: int) -> None:
+    def _retire(self, tx, prompt_key: str, name: str | None, step: int,
+                drop_rate: bool = True) -> None:
         """Queue the removal of a live entry on `tx`: kept under `name` (see keep_removed),
-        or deleted when name is None."""
+        or deleted when name is None. Its fresh rate goes too unless `drop_rate` is False (a
+        replacement by the same prompt keeps the prompt's rate until the offer brings news);
+        a rollback restores rates from `ns:fresh_rate_at`."""
+        if drop_rate:
+            tx.hdel(self._rates, prompt_key)
         if name is None:
             tx.delete(self._entry_key(prompt_key))
         else:
@@ -223,8 +263,17 @@ class RedisBufferStore:
 
     # ----- checkpoints ---------------------------------------------------------------------
     def commit(self, step: int) -> None:
-        """A checkpoint at `step` is being written: remember the counters as they are now."""
-        self.client.hset(self._stats_at, str(step), json.dumps(self.stats()))
+        """A checkpoint at `step` is being written: remember the counters and the fresh rates
+        as they are now (read together, written together)."""
+        with self.client.pipeline(transaction=True) as tx:
+            tx.hgetall(self._stats)
+            tx.hgetall(self._rates)
+            raw_stats, raw_rates = tx.execute()
+        rates = {k.decode(): v.decode() for k, v in raw_rates.items()}  # exact strings back
+        with self.client.pipeline(transaction=True) as tx:
+            tx.hset(self._stats_at, str(step), json.dumps(self._parse_stats(raw_stats)))
+            tx.hset(self._rates_at, str(step), json.dumps(rates, sort_keys=True))
+            tx.execute()
 
     def purge_removed(self, step: int) -> int:
         """The checkpoint at `step` is safely written: entries removed at or before it, and
@@ -232,12 +281,15 @@ class RedisBufferStore:
         removed entries were dropped."""
         names = self.client.zrangebyscore(self._gone, "-inf", step)
         old = [f for f in self.client.hkeys(self._stats_at) if int(f) < step]
+        old_rates = [f for f in self.client.hkeys(self._rates_at) if int(f) < step]
         with self.client.pipeline(transaction=True) as tx:
             if names:
                 tx.delete(*names)
                 tx.zrem(self._gone, *names)
             if old:
                 tx.hdel(self._stats_at, *old)
+            if old_rates:
+                tx.hdel(self._rates_at, *old_rates)
             tx.execute()
         return len(names)
 
@@ -245,8 +297,10 @@ class RedisBufferStore:
         """Put the buffer back as it was at the checkpoint of `step`.
 
         Entries inserted later are dropped; entries removed later (replaced or evicted) but
-        inserted by then come back; the counters return to their snapshot. Exact when the
-        store kept its removed entries since that checkpoint (`keep_removed`).
+        inserted by then come back; the counters and the fresh rates return to their snapshot
+        (rates only for entries stored after the rollback; without a snapshot, the current
+        rates of those entries are kept). Exact when the store kept its removed entries since
+        that checkpoint (`keep_removed`).
         """
         dropped = self.remove_inserted_after(step)
         restored = discarded = 0
@@ -276,7 +330,23 @@ class RedisBufferStore:
                 tx.delete(self._stats)
                 tx.hset(self._stats, mapping=json.loads(snapshot))
                 tx.execute()
+        self._restore_rates(step)
         return {"dropped": len(dropped), "restored": restored, "discarded": discarded}
+
+    def _restore_rates(self, step: int) -> None:
+        """`ns:fresh_rate` as snapshot at `step`, for the entries stored now."""
+        live = set(self.keys())
+        snapshot = self.client.hget(self._rates_at, str(step))
+        if snapshot is not None:
+            source = json.loads(snapshot)
+        else:
+            source = {k.decode(): v.decode() for k, v in self.client.hgetall(self._rates).items()}
+        rates = {key: value for key, value in source.items() if key in live}
+        with self.client.pipeline(transaction=True) as tx:
+            tx.delete(self._rates)
+            if rates:
+                tx.hset(self._rates, mapping=rates)
+            tx.execute()
 
     def admit(
         self,
@@ -288,13 +358,17 @@ class RedisBufferStore:
         payload: bytes,
         prompt: str | None = None,
         prefix_step: int | None = None,
+        fresh_rate: float | None = None,
     ) -> AdmissionOutcome:
         """Offer a group's best trajectory (ALGORITHM.md 4), atomically.
 
         `prefix_step`: for a replayed (mixed) trajectory, the insert step of the entry it was
-        replayed from, None for a fresh one; as in `ReplayBufferRules.admit`."""
+        replayed from, None for a fresh one; `fresh_rate`: the group's fresh success rate, None
+        without fresh samples; both as in `ReplayBufferRules.admit`."""
         if not math.isfinite(reward) or math.isnan(advantage):
             raise ValueError(f"prompt {prompt_key!r}: reward and advantage must be finite")
+        check_fresh_rate(fresh_rate, prompt_key)
+        rate = None if fresh_rate is None else repr(float(fresh_rate))
         self.evict_expired(step)
         inserted = step if prefix_step is None else prefix_step
         entry_key = self._entry_key(prompt_key)
@@ -303,14 +377,15 @@ class RedisBufferStore:
             while True:
                 try:
                     tx.watch(entry_key, self._order)
-                    outcome, victim = self._decide(tx, prompt_key, reward, advantage, step,
-                                                   prefix_step)
+                    outcome, victim, stored = self._decide(tx, prompt_key, reward, advantage,
+                                                           step, prefix_step)
                     name = (self._gone_names(1)[0] if victim is not None and self.keep_removed
                             else None)
                     tx.multi()
                     if outcome.admitted:
                         if victim is not None:
-                            self._retire(tx, victim, name, step)
+                            self._retire(tx, victim, name, step,
+                                         drop_rate=victim != prompt_key)
                         fields = {"reward": repr(float(reward)), "insert_step": inserted,
                                   "admitted": step, "version": weight_version,
                                   "payload": payload, "sum": digest}
@@ -321,10 +396,14 @@ class RedisBufferStore:
                                 {prompt_key: order_score(reward, inserted, self.gamma)})
                         tx.zadd(self._age, {prompt_key: inserted})
                         tx.zadd(self._admitted, {prompt_key: step})
+                        if rate is not None:
+                            tx.hset(self._rates, prompt_key, rate)
                         tx.hincrby(self._stats, "admissions", 1)
                         if outcome is not AdmissionOutcome.INSERTED:
                             tx.hincrby(self._stats, "replacements", 1)
                     else:
+                        if stored and rate is not None:  # still news about the prompt
+                            tx.hset(self._rates, prompt_key, rate)
                         tx.hincrby(self._stats, "rejections", 1)
                     tx.execute()
                     return outcome
@@ -346,18 +425,27 @@ class RedisBufferStore:
             victim = prompt_key
         elif outcome is AdmissionOutcome.REPLACED_LOWEST:
             victim = lowest.prompt_key
-        return outcome, victim
+        return outcome, victim, stored is not None
 
     def sample(self, n: int, step: int, rng: random.Random,
                validate: Callable[[StoredEntry], None] | None = None) -> list[StoredEntry]:
-        """Up to n distinct entries, uniformly among those not expired at `step`.
+        """Up to n distinct entries among those not expired at `step`: uniformly, or under
+        `replay_draw = "fail_rate"` weighted as `ReplayBufferRules.sample` (the same keys for
+        the same entries, rates and rng).
 
         A damaged entry (CorruptEntry from parsing, or any ValueError from `validate`) is
         evicted, counted as `corrupted` and replaced by another draw: the run goes on.
         """
         low = "-inf" if self.max_age is None else step - self.max_age
         candidates = sorted(k.decode() for k in self.client.zrangebyscore(self._age, low, "+inf"))
-        rng.shuffle(candidates)  # draws in order: a damaged one is replaced by the next
+        if self.replay_draw == "fail_rate":
+            raw = self.client.hmget(self._rates, candidates) if candidates else []
+            candidates = fail_rate_order(
+                {key: _parse_rate(value) for key, value in zip(candidates, raw)},
+                self.replay_draw_floor, rng)
+        else:
+            rng.shuffle(candidates)
+        # draws in order: a damaged one is replaced by the next
         chosen: list[StoredEntry] = []
         for key in candidates:
             if len(chosen) == n:
@@ -385,4 +473,5 @@ class RedisBufferStore:
         keys = [self._entry_key(k) for k in self.keys()]
         gone = self.client.zrange(self._gone, 0, -1)
         self.client.delete(*keys, *gone, self._order, self._age, self._admitted, self._stats,
-                           self._config, self._gone, self._gone_seq, self._stats_at)
+                           self._config, self._gone, self._gone_seq, self._stats_at,
+                           self._rates, self._rates_at)

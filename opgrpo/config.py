@@ -170,6 +170,15 @@ class BufferConfig(_Section):
         "offers it as old as its buffer prefix (stored with the prefix's insert step, so decay "
         "and max_age count from there and replay cannot reset them; rejected if the prefix is "
         "past max_age); `exclude` admits nothing for that group.")
+    replay_draw: Literal["uniform", "fail_rate"] = Field(
+        "uniform", description="Which entries a step replays: `uniform` (the paper's) over the "
+        "non-expired entries; `fail_rate` without replacement with weight max(replay_draw_floor, "
+        "1 - s), s = the prompt's latest fresh success rate (mean fresh reward / winner reward of "
+        "its last group offered to the buffer, clipped to [0, 1]), so prompts the policy rarely "
+        "solves, where a replayed success un-masks its group, come back more often.")
+    replay_draw_floor: float = Field(
+        0.05, description="fail_rate: draw weight of a prompt the policy always solves, in "
+        "(0, 1] (1 = uniform).")
     truncate_step: int | None = Field(
         None, ge=1, description="Replayed transitions kept (K); default round(0.7*T)."
     )
@@ -191,6 +200,15 @@ class BufferConfig(_Section):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
+
+    @field_validator("replay_draw_floor")
+    @classmethod
+    def _check_floor(cls, floor: float) -> float:
+        if not 0.0 < floor <= 1.0:  # NaN fails too
+            raise ValueError(f"must be in (0, 1], got {floor!r}: the fail_rate draw weight of a "
+                             "prompt the policy always solves (0 would never replay it; 1 draws "
+                             "uniformly)")
+        return floor
 
 
 class LearnerConfig(_Section):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import ray
 import torch
 
 from actors.reward import TOTAL
+from buffer_service.rules import fresh_success_rate
 from learner.advantages import group_advantages
 from learner.stats import finite_mean
 from opgrpo.config import Config
@@ -30,6 +32,14 @@ from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import trajectory_seed
 
 log = logging.getLogger(__name__)
+
+# replayed groups (those with a replayed sample) whose fresh samples alone would be a masked
+# group: all the same reward, or fewer than two finite ones ...
+REPLAY_FRESH_MASKED_FRACTION = "buffer/replay_fresh_masked_fraction"
+# ... and of those, the ones the replayed sample un-masks by scoring above the fresh ones
+# (binary rewards: every fresh sample failed, the replay succeeded). The share of replays that
+# carry the learning signal `buffer.replay_draw = fail_rate` aims at.
+REPLAY_RESCUED_FRACTION = "buffer/replay_rescued_fraction"
 
 
 @dataclass
@@ -186,6 +196,8 @@ def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
 
     A replayed winner is offered with `prefix_step`, the insert step of the entry it came from:
     the buffer then keeps its age (or, under `buffer.replayed_winners = exclude`, rejects it).
+    Every candidate of a group with finite fresh rewards carries `fresh_rate`, the group's fresh
+    success rate (`group_fresh_rates`), which the buffer records for the prompt, admitted or not.
     """
     best: dict[int, int] = {}
     for i, s in enumerate(samples):
@@ -193,11 +205,14 @@ def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
             continue  # a dropped sample is never a group's winner
         if s.group not in best or s.reward > samples[best[s.group]].reward:
             best[s.group] = i
+    rates = group_fresh_rates(samples, best)
     by_chunk: dict[int, list[dict]] = {}
-    for i in best.values():
+    for g, i in best.items():
         s = samples[i]
         candidate = {"index": s.index, "reward": s.reward, "advantage": float(adv.advantages[i]),
                      "step": step}
+        if g in rates:
+            candidate["fresh_rate"] = rates[g]
         if s.replayed:
             if s.prefix_insert_step is None:  # offered as fresh, its old prefix would look new
                 raise ValueError(f"replayed sample of prompt {s.prompt_key!r} has no "
@@ -206,6 +221,44 @@ def admit_winners(buffer, rollout: Rollout, samples, adv, step: int) -> list:
         by_chunk.setdefault(s.chunk, []).append(candidate)
     return [buffer.admit.remote(rollout.trajectories[c], cands)
             for c, cands in sorted(by_chunk.items())]
+
+
+def _fresh_rewards(samples) -> dict[int, list[float]]:
+    """Finite rewards of the fresh (not replayed) samples, per group."""
+    fresh: dict[int, list[float]] = {}
+    for s in samples:
+        if not s.replayed and np.isfinite(s.reward):
+            fresh.setdefault(s.group, []).append(float(s.reward))
+    return fresh
+
+
+def group_fresh_rates(samples, best: dict[int, int]) -> dict[int, float]:
+    """Fresh success rate `s` of each group with a winner (`best`: group -> index in
+    `samples`) and at least one finite fresh reward: mean fresh reward / winner reward,
+    clipped to [0, 1] (`buffer_service.rules.fresh_success_rate`). A group whose samples are
+    all replayed, or whose fresh rewards are all dropped, has none."""
+    fresh = _fresh_rewards(samples)
+    return {g: fresh_success_rate(float(np.mean(fresh[g])), float(samples[i].reward))
+            for g, i in best.items() if fresh.get(g)}
+
+
+def replay_group_metrics(samples) -> dict[str, float]:
+    """Where this step's replays landed (NaN when nothing was replayed): the share of replayed
+    groups whose fresh samples alone would be masked (`REPLAY_FRESH_MASKED_FRACTION`), and the
+    share the replay un-masks, its sample scoring above equal fresh ones
+    (`REPLAY_RESCUED_FRACTION`)."""
+    fresh = _fresh_rewards(samples)
+    replayed = {s.group: float(s.reward) for s in samples if s.replayed}
+    masked = rescued = 0
+    for g, reward in replayed.items():
+        rewards = fresh.get(g, [])
+        if len(rewards) >= 2 and max(rewards) != min(rewards):
+            continue  # the fresh samples carry signal on their own
+        masked += 1
+        rescued += int(bool(rewards) and math.isfinite(reward) and reward > max(rewards))
+    n = len(replayed)
+    return {REPLAY_FRESH_MASKED_FRACTION: masked / n if n else float("nan"),
+            REPLAY_RESCUED_FRACTION: rescued / n if n else float("nan")}
 
 
 def learner_shards(config: Config, samples, adv) -> list[list[dict]]:
