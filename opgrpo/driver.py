@@ -27,19 +27,13 @@ from actors.reward import TOTAL
 from buffer_service.rules import fresh_success_rate
 from learner.advantages import group_advantages
 from learner.stats import finite_mean
+from opgrpo import metrics as M
 from opgrpo.config import Config
 from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import trajectory_seed
 
 log = logging.getLogger(__name__)
 
-# replayed groups (those with a replayed sample) whose fresh samples alone would be a masked
-# group: all the same reward, or fewer than two finite ones ...
-REPLAY_FRESH_MASKED_FRACTION = "buffer/replay_fresh_masked_fraction"
-# ... and of those, the ones the replayed sample un-masks by scoring above the fresh ones
-# (binary rewards: every fresh sample failed, the replay succeeded). The share of replays that
-# carry the learning signal `buffer.replay_draw = fail_rate` aims at.
-REPLAY_RESCUED_FRACTION = "buffer/replay_rescued_fraction"
 
 
 @dataclass
@@ -244,9 +238,8 @@ def group_fresh_rates(samples, best: dict[int, int]) -> dict[int, float]:
 
 def replay_group_metrics(samples) -> dict[str, float]:
     """Where this step's replays landed (NaN when nothing was replayed): the share of replayed
-    groups whose fresh samples alone would be masked (`REPLAY_FRESH_MASKED_FRACTION`), and the
-    share the replay un-masks, its sample scoring above equal fresh ones
-    (`REPLAY_RESCUED_FRACTION`)."""
+    groups whose fresh samples alone would be masked, and the share the replay un-masks, its
+    sample scoring above equal fresh ones (metric keys in `opgrpo.metrics`)."""
     fresh = _fresh_rewards(samples)
     replayed = {s.group: float(s.reward) for s in samples if s.replayed}
     masked = rescued = 0
@@ -257,8 +250,8 @@ def replay_group_metrics(samples) -> dict[str, float]:
         masked += 1
         rescued += int(bool(rewards) and math.isfinite(reward) and reward > max(rewards))
     n = len(replayed)
-    return {REPLAY_FRESH_MASKED_FRACTION: masked / n if n else float("nan"),
-            REPLAY_RESCUED_FRACTION: rescued / n if n else float("nan")}
+    return {M.BUFFER_REPLAY_FRESH_MASKED_FRACTION: masked / n if n else float("nan"),
+            M.BUFFER_REPLAY_RESCUED_FRACTION: rescued / n if n else float("nan")}
 
 
 def learner_shards(config: Config, samples, adv) -> list[list[dict]]:

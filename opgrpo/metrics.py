@@ -32,6 +32,13 @@ BUFFER_EVICTIONS = "buffer/evictions"
 BUFFER_CORRUPTED = "buffer/corrupted"  # damaged entries found when sampling, evicted
 BUFFER_OUTAGES = "buffer/redis_outages"  # times Redis stopped answering and came back
 BUFFER_REPLAYED_FRACTION = "buffer/replayed_prompt_fraction"
+# replayed groups (those with a replayed sample) whose fresh samples alone would be a masked
+# group: all the same reward, or fewer than two finite ones ...
+BUFFER_REPLAY_FRESH_MASKED_FRACTION = "buffer/replay_fresh_masked_fraction"
+# ... and of those, the ones the replayed sample un-masks by scoring above the fresh ones
+# (binary rewards: every fresh sample failed, the replay succeeded). The share of replays that
+# carry the learning signal `buffer.replay_draw = fail_rate` aims at.
+BUFFER_REPLAY_RESCUED_FRACTION = "buffer/replay_rescued_fraction"
 
 POLICY_VERSION_LAG_MEAN = "policy/version_lag_mean"
 POLICY_VERSION_LAG_MAX = "policy/version_lag_max"

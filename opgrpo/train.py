@@ -42,6 +42,7 @@ from opgrpo.driver import (
     admit_winners,
     advantages_of,
     learner_shards,
+    replay_group_metrics,
     score,
     timed,
 )
@@ -426,7 +427,8 @@ class Trainer:
             self._sync_weights()
         elapsed = time.perf_counter() - start
         row = {"step": step, "version": self.version, **stats, **reward_means,
-               **batch_statistics(samples, adv, self.version - 1), **timings,
+               **batch_statistics(samples, adv, self.version - 1),
+               **replay_group_metrics(samples), **timings,
                "time/iteration": elapsed, "images_per_s": len(samples) / elapsed,
                # actor-seconds of rollout work on this batch (drawn during earlier steps in
                # async mode): busy fraction = sum / (actors x wall-clock)

@@ -80,4 +80,5 @@ def test_a_dropped_sample_never_wins_its_group():
     adv = group_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([0, 0, 1, 1]))
     buffer = Recorder()
     admit_winners(buffer, Rollout(["chunk"], [], [], samples, []), samples, adv, step=1)
-    assert buffer.sent == [[{"index": 1, "reward": 0.3, "advantage": 0.0, "step": 1}]]
+    assert buffer.sent == [[{"index": 1, "reward": 0.3, "advantage": 0.0, "step": 1,
+                         "fresh_rate": 1.0}]]

@@ -21,13 +21,13 @@ from buffer_service.store import RedisBufferStore
 from learner.advantages import group_advantages
 from opgrpo.config import BufferConfig, ConfigError, build_config
 from opgrpo.driver import (
-    REPLAY_FRESH_MASKED_FRACTION,
-    REPLAY_RESCUED_FRACTION,
     Rollout,
     SampleInfo,
     admit_winners,
     replay_group_metrics,
 )
+from opgrpo.metrics import BUFFER_REPLAY_FRESH_MASKED_FRACTION as REPLAY_FRESH_MASKED_FRACTION
+from opgrpo.metrics import BUFFER_REPLAY_RESCUED_FRACTION as REPLAY_RESCUED_FRACTION
 from opgrpo.trajectory import Trajectory
 
 

@@ -108,6 +108,10 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates, mode):
     assert all(r[M.POLICY_VERSION_LAG_MAX] >= 1 for r in replayed)
     assert all(np.isfinite(r[M.LOSS_SEQ_WEIGHT_MEAN]) for r in replayed)
     assert any(r[M.LOSS_SEQ_WEIGHT_MEAN] != 1.0 for r in replayed)
+    # where the replays landed: shares of replayed groups, NaN in a step without replay
+    assert all(0 <= r[M.BUFFER_REPLAY_RESCUED_FRACTION] <= r[M.BUFFER_REPLAY_FRESH_MASKED_FRACTION]
+               <= 1 for r in replayed)
+    assert np.isnan(rows[0][M.BUFFER_REPLAY_FRESH_MASKED_FRACTION])
 
 
 def _check_evaluation_over_two_actors(trainer, learner, run_dir):
