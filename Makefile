@@ -5,7 +5,8 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install system-deps demo test lint bench bench-sample-efficiency bench-async pretrain clean
+.PHONY: install system-deps demo test lint bench bench-sample-efficiency bench-async gpu-check \
+	pretrain clean
 
 install: $(STAMP)
 
@@ -50,6 +51,12 @@ bench-async: install
 	$(PY) bench/async_pipeline.py timing
 	$(PY) bench/async_pipeline.py run
 	$(PY) bench/async_pipeline.py report
+
+# One GPU (80-140 GB), at most 10 minutes: rollout images/s, learner s/update, peak memory per
+# role, the bf16 on-policy ratio, LoRA push time and a 2-step service run on a random pipeline of
+# SD3.5-Medium's sizes (nothing downloaded) -> bench/results/gpu_check.json
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install
