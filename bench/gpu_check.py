@@ -252,7 +252,7 @@ def part_build(state: dict) -> dict:
 def part_rollout(state: dict) -> dict:
     import numpy as np
 
-    from actors.rollout import to_uint8
+    from opgrpo.images import to_uint8
     from opgrpo.sampling import SamplingSpec, host, sample_tensors, trajectory_seed
 
     args, device, policy = state["args"], state["device"], need(state, "rollout_policy")
