@@ -121,7 +121,12 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     functions: dict[str, float] = Field(
-        default_factory=dict, description="Reward name -> weight; the total is the weighted sum."
+        default_factory=dict, description="Reward name -> weight; the total is the weighted "
+        "sum. A name is a built-in reward (shapes, jpeg, pickscore, aesthetic, ocr, geneval, "
+        "...), Flow-GRPO's name of one (pickscore_score, jpeg_compressibility, ...; the run "
+        "logs ours), `http` or `http_<label>` (a scorer served over HTTP, "
+        "actors/rewards/http.py), or an import path 'package.module:object' (a reward you "
+        "bring, actors/rewards/plugins.py)."
     )
     num_actors: int = Field(1, ge=1, description="Reward actors.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per reward actor.")
@@ -135,6 +140,27 @@ class RewardConfig(_Section):
         "/models/CLIP-ViT-H-14}}; see actors/rewards/<name>.py.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where reward models run; auto = cuda when reward.num_gpus > 0.")
+
+    @field_validator("functions", "options")
+    @classmethod
+    def _canonical_names(cls, table: dict) -> dict:
+        """Flow-GRPO's reward names become ours here, so the run (config.yaml, metrics) logs
+        ours; a Flow-GRPO reward we do not implement is refused by name."""
+        import logging
+
+        from actors.rewards import canonical_name
+
+        out: dict = {}
+        for name, value in table.items():
+            canonical = canonical_name(name)
+            if canonical in out:
+                raise ValueError(f"{name!r} and {canonical!r} are the same reward: name it once")
+            if canonical != name:
+                logging.getLogger(__name__).info(
+                    "reward %r is Flow-GRPO's name of %r: logged as %r", name, canonical,
+                    canonical)
+            out[canonical] = value
+        return out
 
     @model_validator(mode="after")
     def _check_options(self) -> RewardConfig:

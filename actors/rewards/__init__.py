@@ -8,12 +8,22 @@ Rewards with a model or a server (pickscore, aesthetic, ocr, geneval) take optio
 `reward.options.<name>` (model paths, engine, URL), validated by their pydantic model, and
 load once per reward actor: `get_reward(name).load(options, device)` returns a spec whose
 `score` is ready. One module each in this package.
+
+Beyond the registry (README, "Rewards you bring"):
+- `http` (and `http_<label>` for more servers): any scorer behind a JSON contract over HTTP,
+  `actors/rewards/http.py`.
+- `module:object` import paths: a reward class or object of your own, `actors/rewards/
+  plugins.py`.
+- Flow-GRPO's reward names (`pickscore_score`, `jpeg_compressibility`, ...) resolve to ours
+  (`FLOW_GRPO_ALIASES`) where we have the same reward; the others are refused by name.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -126,6 +136,49 @@ def _register_model_rewards() -> None:
 
 _register_model_rewards()
 
+HTTP_NAME = re.compile(r"http(_[A-Za-z0-9_]+)?")
+
+
+def http_spec(name: str) -> RewardSpec:
+    """The `http` reward under `name` (`http` or `http_<label>`: one server each)."""
+    from actors.rewards import http
+
+    return RewardSpec(name, http.KEY, _needs_loading, http.DESCRIPTION,
+                      build=partial(http.build, name), options=http.Options)
+
+
+REGISTRY["http"] = http_spec("http")
+
+# Flow-GRPO's reward names (flow_grpo/rewards.py: its scorer functions, and the keys of its
+# `config.reward_fn`, multi_score) -> ours, where we implement the same reward. The names we
+# share (`jpeg_incompressibility`, `aesthetic`, `pickscore`, `ocr`, `geneval`) need none.
+# Flow-GRPO's jpeg_compressibility is -kB/500, ours (`jpeg`) is -kB: per-group normalised
+# advantages are the same, but weight it 1/500 as much in a sum with other rewards.
+FLOW_GRPO_ALIASES: dict[str, str] = {
+    "jpeg_compressibility": "jpeg",
+    "aesthetic_score": "aesthetic",
+    "pickscore_score": "pickscore",
+    "ocr_score": "ocr",
+    "geneval_score": "geneval",
+}
+# Flow-GRPO's rewards that opgrpo does not implement.
+FLOW_GRPO_MISSING = frozenset({
+    "imagereward", "imagereward_score", "qwenvl", "qwenvl_score", "deqa",
+    "deqa_score_remote", "unifiedreward", "unifiedreward_score_remote",
+    "unifiedreward_score_sglang"})
+
+
+def canonical_name(name: str) -> str:
+    """Our name of reward `name` (a Flow-GRPO alias resolved; others unchanged); ValueError for
+    a Flow-GRPO reward we do not implement."""
+    if name in FLOW_GRPO_MISSING:
+        raise ValueError(
+            f"{name!r} is a Flow-GRPO reward that opgrpo does not implement: serve it with "
+            "the `http` reward (a JSON contract, actors/rewards/http.py) or load your own "
+            "scorer by import path ('package.module:object', actors/rewards/plugins.py); "
+            f"built in: {sorted(REGISTRY)}")
+    return FLOW_GRPO_ALIASES.get(name, name)
+
 
 def score_frames(spec: RewardSpec, images, prompts: list[str]) -> dict[str, np.ndarray]:
     """`spec.score` on images (N, 3, H, W), or on video frames (N, F, 3, H, W): every frame
@@ -140,9 +193,18 @@ def score_frames(spec: RewardSpec, images, prompts: list[str]) -> dict[str, np.n
 
 
 def get_reward(name: str) -> RewardSpec:
-    try:
+    """The spec of reward `name`: a registered name, a Flow-GRPO alias of one, `http_<label>`,
+    or an import path `package.module:object` (imported and checked here)."""
+    from actors.rewards.plugins import is_import_path, load_plugin
+
+    name = canonical_name(name)
+    if is_import_path(name):
+        return load_plugin(name)
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown reward {name!r} in reward.functions; known: {sorted(REGISTRY)}"
-        ) from None
+    if HTTP_NAME.fullmatch(name):
+        return http_spec(name)
+    raise ValueError(
+        f"unknown reward {name!r} in reward.functions; known: {sorted(REGISTRY)}, "
+        "http_<label> (more HTTP scorers), 'package.module:object' (your own), and "
+        f"Flow-GRPO's names {sorted(FLOW_GRPO_ALIASES)}")
