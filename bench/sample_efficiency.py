@@ -63,7 +63,7 @@ RUNS_DEFINED.update({
     "clip-sequence-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2"],
     "clip-naive-2pp-s0": ["run.seed=0", "learner.optimizer_steps_per_pass=2",
                           "learner.correction=naive"],
-    # A knob the paper leaves open (ALGORITHM.md section 4): admit a group's best only when its
+    # A knob the paper leaves open (docs/algorithm.md section 4): admit a group's best only when its
     # advantage exceeds 1. With the binary shapes reward, a success has advantage
     # (1 - p) / sqrt(p (1 - p)) in a group solved with frequency p: above 1 only for p < 0.5, so
     # the buffer keeps rare successes on hard prompts (the paper's case) rather than one success

@@ -1,10 +1,10 @@
-"""Admission, decay, eviction and sampling rules of the replay buffer (ALGORITHM.md section 4).
+"""Admission, decay, eviction and sampling rules of the replay buffer (docs/algorithm.md section 4).
 
 Pure Python: no Redis, Ray or torch. The Redis store and the Ray actor reuse these functions so
 that every backend makes the same decisions; `priority_order_key` is the score a Redis sorted set
 will hold.
 
-Vocabulary (ALGORITHM.md 4):
+Vocabulary (docs/algorithm.md 4):
 - reward: the stored trajectory's reward; priority: the reward decayed by the entry's age.
 - age: training steps since insertion, ``step - insert_step``.
 - gamma: decay factor in (0, 1]; ``max_age``: entries older than this are neither replayed nor kept.
@@ -223,7 +223,7 @@ def decide_admission(
     max_age: int | None = None,
     replayed_winners: str = "keep_age",
 ) -> AdmissionOutcome:
-    """The admission rule of ALGORITHM.md 4 as one pure decision, shared by every backend.
+    """The admission rule of docs/algorithm.md 4 as one pure decision, shared by every backend.
 
     Args:
         stored: the entry already stored for the candidate's prompt, if any.
@@ -266,7 +266,7 @@ _HEAP_SLACK = 32
 
 
 class ReplayBufferRules:
-    """In-memory replay buffer applying ALGORITHM.md 4; the reference for every store backend.
+    """In-memory replay buffer applying docs/algorithm.md 4; the reference for every store backend.
 
     State:
     - ``_entries``: prompt_key -> BufferEntry (at most one entry per prompt).
@@ -380,7 +380,7 @@ class ReplayBufferRules:
     ) -> AdmissionOutcome:
         """Offer a group's best trajectory to the buffer at training step ``step``.
 
-        Expired entries are evicted first. Then, per ALGORITHM.md 4: reject unless
+        Expired entries are evicted first. Then, per docs/algorithm.md 4: reject unless
         ``advantage > admit_min_advantage``; if the prompt is stored, replace it iff ``reward``
         beats its decayed priority; else insert if there is room; else replace the lowest-priority
         entry iff ``reward`` beats its decayed priority.

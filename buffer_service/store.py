@@ -360,7 +360,7 @@ class RedisBufferStore:
         prefix_step: int | None = None,
         fresh_rate: float | None = None,
     ) -> AdmissionOutcome:
-        """Offer a group's best trajectory (ALGORITHM.md 4), atomically.
+        """Offer a group's best trajectory (docs/algorithm.md 4), atomically.
 
         `prefix_step`: for a replayed (mixed) trajectory, the insert step of the entry it was
         replayed from, None for a fresh one; `fresh_rate`: the group's fresh success rate, None

@@ -1,4 +1,4 @@
-"""Group-relative advantages of GRPO (ALGORITHM.md section 2), as a pure function."""
+"""Group-relative advantages of GRPO (docs/algorithm.md section 2), as a pure function."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def kl_to_reference(
 ) -> torch.Tensor:
     """Per-trajectory KL term mean_elements((mean_theta - mean_ref)^2) / (2 std^2), shape (B,).
 
-    `std` is the SDE std of the step (ALGORITHM.md s3 as written). Dividing by the transition
+    `std` is the SDE std of the step (docs/algorithm.md 3 as written). Dividing by the transition
     variance std^2 * |dt| instead would give the exact Gaussian KL; the two differ by the step's
     constant factor |dt|, which only rescales beta per step.
     """

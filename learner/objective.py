@@ -174,7 +174,7 @@ def accumulate_gradients(
     """Run forward + `backward` step by step; return the loss statistics averaged over steps
     (0-dim tensors on the policy's device).
 
-    The loss of ALGORITHM.md section 3 is a mean over the update's valid samples (policy
+    The loss of docs/algorithm.md section 3 is a mean over the update's valid samples (policy
     term) and over all its samples (KL term) of a mean over the S trained steps. Each step's
     backward gets this batch's share of it (`op_grpo_loss` with the update's sizes, divided
     by S), so the gradients of all backward calls of one optimizer step add up to the gradient

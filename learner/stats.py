@@ -1,4 +1,4 @@
-"""Per-iteration batch diagnostics of ALGORITHM.md section 6 that do not come from the loss.
+"""Per-iteration batch diagnostics of docs/algorithm.md section 6 that do not come from the loss.
 
 Loss-side numbers (clip fractions, approx KL, sequence weights) come from `op_grpo_loss`; the
 buffer's counters from the buffer. This module covers rewards (fresh vs replayed), masked groups,

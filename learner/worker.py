@@ -200,7 +200,7 @@ class LearnerWorker:
         rng = random.Random(f"{self.config.run.seed}/{iteration}/{self.rank}")
         for _ in range(self.config.learner.updates_per_step):
             order = list(range(len(rows)))
-            rng.shuffle(order)  # ALGORITHM.md 5: shuffle before cutting micro-batches
+            rng.shuffle(order)  # docs/algorithm.md 5: shuffle before cutting micro-batches
             for update in update_micro_batches(order, mb,
                                                self.config.learner.optimizer_steps_per_pass):
                 size = self._update_size(valid[[i for idx in update for i in idx]])

@@ -239,7 +239,7 @@ class BufferConfig(_Section):
 
 class LearnerConfig(_Section):
     correction: Literal["sequence", "naive", "none"] = Field(
-        "sequence", description="Off-policy correction (ALGORITHM.md section 3)."
+        "sequence", description="Off-policy correction (docs/algorithm.md section 3)."
     )
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon.")
     kl_beta: float = Field(0.04, ge=0, description="KL weight beta (0 = no reference policy).")
@@ -393,7 +393,7 @@ class Config(_Section):
 
     @property
     def truncate_step(self) -> int:
-        """K: replayed transitions kept from the buffer (ALGORITHM.md section 5)."""
+        """K: replayed transitions kept from the buffer (docs/algorithm.md section 5)."""
         if self.buffer.truncate_step is not None:
             return self.buffer.truncate_step
         return max(1, round(0.7 * self.sampling.num_steps))

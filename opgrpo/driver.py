@@ -1,6 +1,6 @@
 """The training driver (`opgrpo train`): the work of one OP-GRPO iteration on the actor pools.
 
-Per iteration (ARCHITECTURE.md, "One iteration"):
+Per iteration (docs/algorithm.md sections 2, 4 and 5):
 1. prompts: (1 - rho) from the dataset, rho from the replay buffer;
 2. rollout actors draw fresh groups, and mixed trajectories for replayed prompts;
 3. reward actors score each rollout chunk as soon as it is done (its images arrive by ref);

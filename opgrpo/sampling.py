@@ -3,7 +3,7 @@
 - `sample_groups`/`sample_trajectories`: fresh SDE trajectories with per-step log-probs.
 - `rescore_transitions`: log pi(x_{t+1} | x_t) of stored transitions under the current weights.
 - `regenerate_from`: keep a replayed trajectory's first K transitions, re-score them under
-  pi_old, and regenerate the rest with fresh noise (ALGORITHM.md section 5, truncation).
+  pi_old, and regenerate the rest with fresh noise (docs/algorithm.md section 5, truncation).
 - `sample_ode`: deterministic evaluation sampling (noise level 0).
 
 Every trajectory draws its noise from its own generator seeded by `trajectory_seed`, so a

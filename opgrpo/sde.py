@@ -1,4 +1,4 @@
-"""The flow-matching SDE step with its Gaussian log-density, and the ODE step (ALGORITHM.md s1).
+"""The flow-matching SDE step with its Gaussian log-density, and the ODE step (docs/algorithm.md 1).
 
 Every function takes the step's sigmas explicitly (no hidden scheduler step index) and computes
 in float32 whatever the dtype of the model output, because log-probability ratios of 1e-4 are

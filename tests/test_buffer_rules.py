@@ -1,4 +1,4 @@
-"""CPU tests of the replay-buffer rules (ALGORITHM.md 4): admission, decay, eviction, sampling."""
+"""CPU tests of the buffer rules (docs/algorithm.md 4): admission, decay, eviction, sampling."""
 
 from __future__ import annotations
 
@@ -415,7 +415,7 @@ def test_random_operation_sequences_keep_the_rules(
 
 
 def _check_admission(buf, key, reward, advantage, step, out, alive, prio, prefix_step=None):
-    """Check one admit() against a brute-force reading of ALGORITHM.md 4: a replayed candidate
+    """Check one admit() against a brute-force reading of docs/algorithm.md 4: a replayed candidate
     (prefix_step given) is as old as its prefix."""
     inserted = step if prefix_step is None else prefix_step
     reward_now = decayed_priority(reward, step - inserted, buf.gamma)

@@ -1,4 +1,4 @@
-"""CPU tests of the learner math (ALGORITHM.md 2, 3, 6): group advantages and the OP-GRPO loss.
+"""CPU tests of the learner math (docs/algorithm.md 2, 3, 6): group advantages and the OP-GRPO loss.
 
 Every expected value is computed independently here (numpy or a hand-written torch expression),
 never by calling the function under test a second time.
