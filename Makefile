@@ -33,7 +33,7 @@ demo: install
 	  --set train.num_steps=$(DEMO_STEPS) --set train.eval_every=60
 	$(VENV)/bin/opgrpo report runs/$(DEMO_RUN)
 
-# Benchmarks write JSON + PNG into bench/results/ (see BENCHMARKS.md). `bench` runs the
+# Benchmarks write JSON + PNG into bench/results/ (see docs/benchmarks.md). `bench` runs the
 # system-cost ones (minutes); `bench-sample-efficiency` trains 11 runs of 300 steps (hours,
 # resumable: run it again after a stop and it continues where it was).
 bench: install
@@ -45,7 +45,7 @@ bench: install
 bench-sample-efficiency: install
 	$(PY) bench/sample_efficiency.py run
 
-# sync vs async (BENCHMARKS.md section 7; hours, resumable): the 5 timing runs alone first
+# sync vs async (docs/benchmarks.md section 7; hours, resumable): the 5 timing runs alone first
 # (50 steps each), then the 9 accuracy runs (each trained, then its checkpoints evaluated)
 bench-async: install
 	$(PY) bench/async_pipeline.py timing

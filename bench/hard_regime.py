@@ -1,6 +1,6 @@
 """OP-GRPO's step saving where its mechanism applies: the hard shapes prompts, clipping active.
 
-Section 1 of BENCHMARKS.md found no step saving on the shipped shapes prompts, where the base
+Section 1 of docs/benchmarks.md found no step saving on the shipped shapes prompts, where the base
 model fails only 7-8% of its groups as a whole. This benchmark trains on the prompts the base
 model fails most (`bench/hard_prompts.py`: solved at most 1 in 8 times), evaluates on hard
 held-out test prompts of the same tags, and runs Flow-GRPO's two optimizer steps per batch so

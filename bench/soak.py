@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=50, help="growth is measured after this")
     parser.add_argument("--torch-threads", type=int, default=2,
-                        help="torch threads per process (2: what the soak in BENCHMARKS.md ran "
-                        "with, the synchronous phases taking both cores in turn)")
+                        help="torch threads per process (2: what the soak in docs/benchmarks.md "
+                        "ran with, the synchronous phases taking both cores in turn)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,4 +1,4 @@
-"""Faults injected into the running service (RELIABILITY.md): actors killed with SIGKILL in the
+"""Faults injected into the running service (docs/reliability.md): actors killed with SIGKILL in the
 middle of a rollout, Redis stopped and restarted under the run, the driver killed and resumed.
 
 Every run here is compared with one undisturbed reference run of the same config and seed

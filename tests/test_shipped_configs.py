@@ -72,7 +72,7 @@ def test_shipped_config_validates(name):
     assert config.learner.clip_range in (1e-4, 1e-3) and config.model.dtype == "bfloat16"
     per_rank = config.rollout.prompts_per_step * config.rollout.group_size
     assert per_rank % config.learner.num_ranks == 0
-    # async only where rollout and learner have their own GPUs (BENCHMARKS.md section 7)
+    # async only where rollout and learner have their own GPUs (docs/benchmarks.md section 7)
     assert config.shared_gpu_warning() is None
 
 
