@@ -141,10 +141,14 @@ class RolloutWorker:
 
     def evaluate(
         self, prompts: list[tuple[str, str]], n_per_prompt: int, num_steps: int,
-        guidance_scale: float, seed: int,
+        guidance_scale: float, seed: int, weights: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """ODE samples of (text, key) prompts, prompt-major, as (N, H, W, 3) uint8 (video:
-        (N, F, H, W, 3)), quantised batch by batch on the device (`train.eval_batch_size`)."""
+        (N, F, H, W, 3)), quantised batch by batch on the device (`train.eval_batch_size`).
+
+        `weights`: trainable weights to sample with instead of the ones held (the learner's
+        EMA, `learner.ema`), every trainable weight by name. They are swapped in for this task
+        only: the held weights are put back afterwards, and the version does not change."""
         from opgrpo.evaluate import EvalSettings, generate
         from opgrpo.prompts import PromptRecord
 
@@ -152,4 +156,16 @@ class RolloutWorker:
         settings = EvalSettings(n_per_prompt, num_steps, guidance_scale, seed,
                                 batch_size=self.config.train.eval_batch_size,
                                 height=self.config.model.height, width=self.config.model.width)
-        return generate(self.policy, records, settings, quantise=True)
+        if weights is None:
+            return generate(self.policy, records, settings, quantise=True)
+        held = self.policy.trainable_state_dict()  # copies
+        if set(weights) != set(held):
+            wrong = sorted(set(weights) ^ set(held))
+            raise KeyError(f"evaluation weights do not match the trainable weights "
+                           f"({len(wrong)} names differ, e.g. {wrong[:3]})")
+        try:
+            self.policy.load_trainable_state_dict(
+                {name: torch.from_numpy(np.asarray(value)) for name, value in weights.items()})
+            return generate(self.policy, records, settings, quantise=True)
+        finally:
+            self.policy.load_trainable_state_dict(held)

@@ -125,6 +125,7 @@ class LearnerWorker:
         self.config = Config.model_validate(config)
         self.rank, self.world_size = rank, world_size
         self.engine = None
+        self.ema = None  # diffusers' EMAModel on rank 0 when learner.ema is on (see _new_ema)
         self.version = 0
 
     def identity(self) -> dict:
@@ -170,6 +171,7 @@ class LearnerWorker:
         from learner.safe_state import SafeCheckpointEngine
 
         self.engine.checkpoint_engine = SafeCheckpointEngine()
+        self.ema = self._new_ema()
         self.spec = SamplingSpec.from_config(cfg)
         self.settings = LossSettings.from_config(cfg)
         return sum(p.numel() for p in params)
@@ -267,7 +269,48 @@ class LearnerWorker:
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
+        before = self.engine.global_steps
         self.engine.step()  # a no-op except at the accumulation boundary
+        if self.ema is not None and self.engine.global_steps != before:
+            self._ema_after_step()
+
+    # ----- EMA of the trainable weights (learner.ema) ------------------------------------
+    def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.policy.transformer.named_parameters() if p.requires_grad]
+
+    def _new_ema(self):
+        """diffusers' EMAModel over the trainable weights as they are now, on rank 0 only (the
+        ranks hold the same whole weights under ZeRO 0-2; ZeRO-3 is refused by the config).
+        Its shadow weights are float32 whatever the model dtype. `min_decay = decay` turns off
+        EMAModel's decay warm-up ((1 + n) / (10 + n)): after its first update, which copies the
+        weights, every update mixes with the configured decay."""
+        if not self.config.learner.ema or self.rank != 0:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        decay = self.config.learner.ema_decay
+        ema = EMAModel([p for _, p in self._trainable_named()], decay=decay, min_decay=decay)
+        ema.to(dtype=torch.float32)
+        self._ema_pending = 0  # optimizer steps since the last EMA update
+        return ema
+
+    def _ema_after_step(self) -> None:
+        """Called after each optimizer step: every `learner.ema_update_every`-th updates."""
+        self._ema_pending += 1
+        if self._ema_pending >= self.config.learner.ema_update_every:
+            self._ema_pending = 0
+            self.ema.step([p for _, p in self._trainable_named()])
+
+    def export_ema_weights(self) -> dict[str, np.ndarray] | None:
+        """The EMA of the trainable weights (float32) from rank 0, named as `export_weights`;
+        None on other ranks. Raises when `learner.ema` is off."""
+        if not self.config.learner.ema:
+            raise RuntimeError("learner.ema is off: there are no EMA weights")
+        if self.ema is None:
+            return None
+        return {n: s.detach().float().cpu().numpy().copy()
+                for (n, _), s in zip(self._trainable_named(), self.ema.shadow_params,
+                                     strict=True)}
 
     def export_weights(self) -> dict[str, np.ndarray] | None:
         """Trainable weights (gathered under ZeRO-3) from rank 0; every rank must call."""
@@ -302,7 +345,47 @@ class LearnerWorker:
             tmp = target.with_suffix(".tmp")
             save_file(state, str(tmp), metadata={"version": str(self.version)})
             os.replace(tmp, target)
+            if self.ema is not None:
+                self._save_ema(Path(directory) / tag)
         return tag
+
+    def _save_ema(self, tag_dir: Path) -> None:
+        """The EMA weights as safetensors beside the trainable ones (`EMA_FILE`), with the
+        EMAModel's update count and the counter of steps towards the next update."""
+        from safetensors.numpy import save_file
+
+        from opgrpo.export import EMA_FILE
+
+        target = tag_dir / EMA_FILE
+        tmp = target.with_suffix(".tmp")
+        save_file(self.export_ema_weights(), str(tmp), metadata={
+            "version": str(self.version), "decay": str(self.ema.decay),
+            "optimization_step": str(self.ema.optimization_step),
+            "pending": str(self._ema_pending)})
+        os.replace(tmp, target)
+
+    def _load_ema(self, tag_dir: Path) -> None:
+        """Restore the EMA saved with a checkpoint; one without it (written with learner.ema
+        off) starts the EMA from the weights just loaded, with a warning."""
+        from opgrpo.export import EMA_FILE, load_trainable
+
+        self.ema = self._new_ema()  # from the loaded weights
+        path = tag_dir / EMA_FILE
+        if not path.is_file():
+            log.warning("%s has no EMA weights (%s): the EMA starts from the checkpoint's "
+                        "weights", tag_dir, EMA_FILE)
+            return
+        saved, meta = load_trainable(path)
+        names = [n for n, _ in self._trainable_named()]
+        if set(saved) != set(names):
+            wrong = sorted(set(saved) ^ set(names))
+            raise ValueError(f"{path} does not match the trainable weights of this config "
+                             f"({len(wrong)} names differ, e.g. {wrong[:3]})")
+        self.ema.load_state_dict({
+            "optimization_step": int(meta["optimization_step"]),
+            "shadow_params": [saved[n].to(device=s.device, dtype=torch.float32)
+                              for n, s in zip(names, self.ema.shadow_params, strict=True)]})
+        self._ema_pending = int(meta.get("pending", 0))
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
         """Resume from `directory/tag`: frozen weights stay as loaded from model.path, every
@@ -330,4 +413,6 @@ class LearnerWorker:
         _, client_state = self.engine.load_checkpoint(directory, tag=tag,
                                                       load_module_strict=False)
         self.version = int(client_state["version"])
+        if self.config.learner.ema and self.rank == 0:
+            self._load_ema(Path(directory) / tag)
         return self.version

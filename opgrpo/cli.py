@@ -196,14 +196,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from opgrpo.export import export_checkpoint
 
     out = export_checkpoint(args.run, args.out, args.step, args.dtype, args.overwrite,
-                            fused=args.fused)
+                            fused=args.fused, ema=args.ema)
     info = json.loads((out / "opgrpo_export.json").read_text())
     if info["format"] == "diffusers_lora":
-        print(f"exported the LoRA adapter of {args.run} to {out}: "
+        what = "the EMA of the LoRA adapter" if args.ema else "the LoRA adapter"
+        print(f"exported {what} of {args.run} to {out}: "
               f"`pipe.load_lora_weights('{out}')` on {info['base_model']}, or "
               f"`opgrpo eval --model {info['base_model']} --lora {out} ...`")
     else:
-        print(f"exported {args.run} to {out}: evaluate with `opgrpo eval --model {out} ...`")
+        what = " (its EMA weights)" if args.ema else ""
+        print(f"exported {args.run}{what} to {out}: evaluate with `opgrpo eval --model {out} "
+              "...`")
     return 0
 
 
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype on disk of the transformer (default: the run's model.dtype) or "
                    "of the adapter (default: float32)")
+    p.add_argument("--ema", action="store_true",
+                   help="the EMA of the trainable weights (a run with learner.ema: true) "
+                   "instead of the live weights, in the same format")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 

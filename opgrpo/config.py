@@ -277,6 +277,25 @@ class LearnerConfig(_Section):
     resources: Resources = Field(
         default_factory=dict, description="Custom Ray resources per learner rank, e.g. "
         "{learner_slot: 1} to keep the ranks off rollout nodes.")
+    ema: bool = Field(
+        False, description="Keep an exponential moving average of the trainable weights "
+        "(diffusers' EMAModel, on learner rank 0, float32): evaluations sample with it, "
+        "checkpoints hold it, `opgrpo export --ema` writes it; training and rollouts keep "
+        "the live weights. Flow-GRPO evaluates such an EMA. Not with zero_stage 3.")
+    ema_decay: float = Field(
+        0.9, gt=0, lt=1, description="EMA decay d: each update sets ema = d x ema + (1 - d) "
+        "x theta (the first update copies theta). Flow-GRPO's train_sd3.py uses 0.9.")
+    ema_update_every: int = Field(
+        1, ge=1, description="Optimizer steps between EMA updates (Flow-GRPO's SD3 script "
+        "updates every 8 of its steps).")
+
+    @model_validator(mode="after")
+    def _check_ema(self) -> LearnerConfig:
+        if self.ema and self.zero_stage == 3:
+            raise ValueError("ema needs zero_stage <= 2: ZeRO-3 partitions the parameters "
+                             "over the ranks, and the EMA is kept of whole weights on rank 0 "
+                             "(set learner.zero_stage 2, or learner.ema false)")
+        return self
 
 
 class TrainConfig(_Section):

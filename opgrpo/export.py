@@ -14,6 +14,9 @@ own files are safetensors too, see `learner/safe_state.py`).
   needs no peft. Components are stored as the service holds them in the run's model dtype
   (transformer and text encoders in it, the VAE in float32), or all in `dtype`'s dtype for the
   transformer when given.
+- `ema=True` (`--ema`) writes, in either format, the exponential moving average of the trainable
+  weights that a run with `learner.ema: true` keeps (`checkpoints/<tag>/ema_weights.safetensors`)
+  instead of the live weights.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from opgrpo.config import load_config
 from opgrpo.models import FlowPolicy
 
 WEIGHTS_FILE = "trainable.safetensors"
+EMA_FILE = "ema_weights.safetensors"  # learner.ema: the EMA of the trainable weights
 # files of the base model directory that describe it to opgrpo (sampling defaults)
 _CARRIED = ("opgrpo_model.json",)
 
@@ -82,11 +86,12 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
                       dtype: str | None = None, overwrite: bool = False,
-                      fused: bool = False) -> Path:
+                      fused: bool = False, ema: bool = False) -> Path:
     """Write the policy of `run_dir`'s checkpoint (latest, or `step`) to `out`: the LoRA
     adapter in diffusers' format, or (`fused`, or a full fine-tuning run) the whole pipeline.
     `dtype`: the transformer's (or the adapter's) dtype on disk; default the run's model.dtype
-    for a pipeline, float32 for an adapter (it trains in float32)."""
+    for a pipeline, float32 for an adapter (it trains in float32). `ema`: the EMA weights of
+    a `learner.ema` run instead of the live ones."""
     run_dir, out = Path(run_dir), Path(out)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -95,6 +100,11 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     config = load_config(config_path)
     tag = checkpoint_tag(run_dir, step)
+    tag_dir = run_dir / "checkpoints" / tag
+    if ema and not (tag_dir / EMA_FILE).is_file():
+        raise FileNotFoundError(f"{tag_dir / EMA_FILE} is missing: checkpoint {tag} has no EMA "
+                                "weights (the run trained with learner.ema false); export it "
+                                "without --ema")
     lora = config.model.lora_rank > 0
     whole = fused or not lora
     dtype = dtype or (config.model.dtype if whole else "float32")  # the adapter trains in fp32
@@ -104,14 +114,16 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
         lora_target_modules=config.model.lora_target_modules, keep_reference=False)
     expected = set(policy.trainable_state_dict())
-    tag_dir = run_dir / "checkpoints" / tag
-    if (tag_dir / WEIGHTS_FILE).is_file():
+    source = EMA_FILE if ema else WEIGHTS_FILE
+    if ema:
+        state, meta = load_trainable(tag_dir / EMA_FILE)
+    elif (tag_dir / WEIGHTS_FILE).is_file():
         state, meta = load_trainable(tag_dir / WEIGHTS_FILE)
     else:  # checkpoints written before the safetensors copy existed
         state, meta = load_from_deepspeed(tag_dir, expected), {}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{WEIGHTS_FILE} of {tag} does not match model.lora_rank="
+        raise ValueError(f"{source} of {tag} does not match model.lora_rank="
                          f"{config.model.lora_rank}: missing {missing[:3]}, unexpected {extra[:3]}")
     policy.load_trainable_state_dict(state)
     if out.exists():
@@ -127,6 +139,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
             shutil.copy(base / name, out / name)
     (out / "opgrpo_export.json").write_text(json.dumps({
         "run": run_dir.name, "checkpoint": tag, "weight_version": meta.get("version"),
+        "weights": "ema" if ema else "live",
         "format": "pipeline" if whole else "diffusers_lora",
         "lora_rank": config.model.lora_rank, "lora_alpha": config.model.lora_alpha,
         "lora_fused": lora and whole, "dtype": dtype, "base_model": str(config.model.path),

@@ -266,9 +266,12 @@ class Trainer:
         spec = get_reward(name)
         records, n = self.eval_prompts, cfg.train.eval_images_per_prompt
         shards = eval_shards(len(records), len(self.rollout))
+        # learner.ema: the actors sample with rank 0's EMA weights for this task only
+        ema = self.learners.workers[0].export_ema_weights.remote() if cfg.learner.ema else None
         image_refs = [self.rollout.worker(i).evaluate.remote(
             [(r.text, r.key) for r in records[a:b]], n, cfg.sampling.eval_num_steps,
-            cfg.sampling.eval_guidance_scale, cfg.run.seed) for i, (a, b) in enumerate(shards)]
+            cfg.sampling.eval_guidance_scale, cfg.run.seed, weights=ema)
+            for i, (a, b) in enumerate(shards)]
         texts = [r.text for r in records for _ in range(n)]
         parts = ray.get([self.rewards.worker(i).score_with.remote(name, ref, texts[a * n:b * n])
                          for i, (ref, (a, b)) in enumerate(zip(image_refs, shards))])
