@@ -44,6 +44,8 @@ FLOW_GRPO_SD35M = {
     "learner.weight_decay": 1e-4, "learner.adam_betas": (0.9, 0.999),
     "learner.max_grad_norm": 1.0, "learner.optimizer_steps_per_pass": 2,
     "learner.updates_per_step": 1, "learner.detach_uncond": True, "train.eval_every": 60,
+    # scripts/train_sd3.py: EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    "learner.ema": True, "learner.ema_decay": 0.9, "learner.ema_update_every": 8,
 }
 FLOW_GRPO_KL = {"sd35m_geneval": 0.04, "sd35m_ocr": 0.04, "sd35m_pickscore": 0.01}
 
