@@ -3,7 +3,7 @@
 Commands: `sample` (image grid of a model's samples, optionally labelled with a reward), `eval`
 (score ODE samples of a prompt set), `pretrain` (train the shapes base model), `shapes-prompts`
 (write the shapes task's prompt files), `make-tiny-sd3` (a tiny random SD3 pipeline of the real
-classes), `config` (validate and print a resolved config).
+classes), `config` (validate and print a resolved config, or `--describe` every key).
 """
 
 from __future__ import annotations
@@ -259,10 +259,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from opgrpo.config import dump_config, load_config
+    from opgrpo.config import describe_config, dump_config, load_config
 
+    if args.describe is not None:
+        print(describe_config(args.describe or None), end="")
+        return 0
     print(dump_config(load_config(args.config, args.set)), end="")
     return 0
+
+
+SET_HELP = ("override one config key, after --config: SECTION.KEY=VALUE, a dotted path into the "
+            "config (`opgrpo config --describe` lists them) and a YAML value (1e-5, true, null, "
+            "[a, b], '{jpeg: 1.0}'); repeatable, applied in order. E.g. --set "
+            "learner.learning_rate=1e-5 --set buffer.off_policy_fraction=0 --set "
+            "'reward.functions={pickscore: 1.0}'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with OP-GRPO on Ray (local or --address)")
     p.add_argument("--config", default=None, help="YAML config file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=SET_HELP)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or local)")
     p.set_defaults(func=_cmd_train)
@@ -395,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", default=None, help="YAML config file (default: built-ins)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=SET_HELP)
+    p.add_argument("--describe", nargs="?", const="", default=None, metavar="SECTION",
+                   help="list every key (or those of SECTION, e.g. buffer) with its type, "
+                   "default and description, nested keys as section.key, instead")
     p.set_defaults(func=_cmd_config)
     return parser
 

@@ -491,6 +491,67 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return build_config(data, overrides, source=str(path))
 
 
+def describe_config(section: str | None = None, width: int = 100) -> str:
+    """Every key of the config with its type, constraints, default and description, nested
+    sections as `section.key` (`opgrpo config --describe`); `section` narrows it to one
+    section (`buffer`) or key (`buffer.capacity`). ConfigError for a name that is neither."""
+    import textwrap
+
+    rows = list(_described_fields(Config, ""))
+    if section:
+        rows = [r for r in rows if r[0] == section or r[0].startswith(section + ".")]
+        if not rows:
+            raise ConfigError(f"unknown config section or key {section!r}; sections: "
+                              f"{', '.join(Config.model_fields)}")
+    lines = []
+    for key, kind, default, description in rows:
+        lines.append(f"{key}: {kind} = {default}")
+        lines += textwrap.wrap(description or "(no description)", width,
+                               initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines) + "\n"
+
+
+def _described_fields(model: type[BaseModel], prefix: str):
+    """(dotted key, type, default as JSON, description) of every leaf field of `model`."""
+    import json
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _described_fields(annotation, key + ".")
+            continue
+        kind = _type_name(annotation)
+        limits = [f"{symbol} {getattr(m, attr)}" for m in field.metadata
+                  for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                  if getattr(m, attr, None) is not None]
+        limits += [f"matching {m.pattern}" for m in field.metadata
+                   if getattr(m, "pattern", None)]
+        if limits:
+            kind += f" ({', '.join(limits)})"
+        default = field.get_default(call_default_factory=True)
+        yield key, kind, json.dumps(default, default=str), field.description or ""
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a user reads it: `float | null`, `mean | sum`, `list[str]`."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(map(_type_name, args))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def dump_config(config: Config) -> str:
     """The resolved config as YAML (written to a run directory as config.yaml), with any Redis
     password removed from the URL: a resumed run takes it from REDIS_PASSWORD or REDIS_URL."""
