@@ -251,9 +251,11 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from opgrpo.report import report
+    from opgrpo.report import report, summary
 
     out = report(args.runs, args.out or Path(args.runs[0]) / "report.png")
+    for run in args.runs:
+        print(summary(run))
     print(f"report written to {out}")
     return 0
 
@@ -381,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster (default: auto)")
     p.set_defaults(func=_cmd_scale)
 
-    p = sub.add_parser("report", help="plot reward/accuracy curves and timings to PNG")
+    p = sub.add_parser("report", help="plot a run's panels (reward, eval per tag, loss, KL, "
+                       "clipping, w_i, buffer, version lag, phase times) to PNG")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/report.png)")
     p.set_defaults(func=_cmd_report)

@@ -339,6 +339,18 @@ class RunConfig(_Section):
         None, ge=1, description="torch threads per actor; unset = ceil(its num_cpus). On one "
         "CPU machine the synchronous phases do not overlap, so each may use every core."
     )
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Where metrics go: jsonl "
+        "(metrics.jsonl, eval.jsonl; always on, the record) and optionally tensorboard "
+        "(RUN/tensorboard) and wandb (RUN/wandb, offline unless WANDB_MODE says otherwise); "
+        "the extras need pip install 'opgrpo[loggers]'. See opgrpo/loggers.py.")
+    wandb_project: str = Field("opgrpo", min_length=1, description="W&B project (wandb).")
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_first(cls, names: list[str]) -> list[str]:
+        """jsonl is always on: put first, each backend once."""
+        return list(dict.fromkeys(["jsonl", *names]))
 
 
 def torch_threads(config: Config, num_cpus: float) -> int:

@@ -47,6 +47,7 @@ from opgrpo.driver import (
     timed,
 )
 from opgrpo.errors import RunStopped
+from opgrpo.loggers import check_loggers, make_loggers
 from opgrpo.models import check_model_dir
 from opgrpo.prompts import load_prompts
 
@@ -140,6 +141,7 @@ class Trainer:
                  workers: WorkerClasses | None = None) -> None:
         self.config, self.run_dir, self.resume = config, run_dir, resume
         self.workers = workers or WorkerClasses()
+        check_loggers(config.run.loggers)  # an extra asked for but not installed
         if not config.model.path:
             raise ValueError("model.path is not set: point it at a diffusers model directory")
         check_model_dir(config.model.path)
@@ -291,6 +293,7 @@ class Trainer:
             f.write(json.dumps({"step": step, **summary, "actors": len(shards),
                                 "seconds": time.perf_counter() - started}) + "\n")
         log.info("eval at step %d: %s", step, json.dumps(summary))
+        self.loggers.log_eval(step, summary, self.run_dir / "samples" / f"step{step:05d}.png")
         return summary
 
     # ----- the loop ------------------------------------------------------------------------
@@ -317,6 +320,7 @@ class Trainer:
                     self._stop_for_redis(exc, step - 1)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                self.loggers.log_scalars(step, row)
                 if self.redis_down is not None:  # trained, but the buffer's side was lost
                     self._stop_for_redis(self.redis_down, step)
                 info = (f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
@@ -366,6 +370,7 @@ class Trainer:
         # `time/elapsed`: wall-clock of the training loop (later evaluations included); a
         # resumed run's clock goes on from its last row
         self._elapsed_before, self._started = self._last_elapsed(), time.perf_counter()
+        self.loggers = make_loggers(self.config, self.run_dir, start_step=first)
         self._sync_weights()
         return first
 
@@ -510,6 +515,8 @@ class Trainer:
         raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
+        if hasattr(self, "loggers"):
+            self.loggers.close()
         for part in ("rollout", "rewards", "learners"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()

@@ -149,7 +149,7 @@ def _check_evaluation_over_two_actors(trainer, learner, run_dir):
 
 def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     config = _config(tmp_path, learner={"num_ranks": 1, "micro_batch_size": 16},
-                     run={"name": "resume"})
+                     run={"name": "resume", "loggers": ["jsonl", "tensorboard"]})
     run_dir = tmp_path / "resume"
     trainer = Trainer(config, run_dir)
     try:
@@ -179,6 +179,9 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     assert [e["step"] for e in evals] == [0, 2]
     assert rows[2]["version"] == 3 and rows[3]["version"] == 4
     assert size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator as EA
+    (events := EA(str(run_dir / "tensorboard"))).Reload()  # step 3 once: the resumed one's
+    assert [e.step for e in events.Scalars(M.LOSS_TOTAL)] == [1, 2, 3, 4]
     # the exported policy of the last checkpoint: from the safetensors copy, and (older
     # checkpoints) from DeepSpeed's module state read with weights_only: the same weights
     from_safetensors = export_checkpoint(run_dir, tmp_path / "a")
