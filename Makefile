@@ -60,7 +60,7 @@ gpu-check: install
 
 # Regenerate the shipped shapes base model from scratch (same seed, same model).
 pretrain: install
-	$(VENV)/bin/opgrpo pretrain --out models/shapes-base --seed 0 --overwrite
+	$(VENV)/bin/opgrpo pretrain --out tasks/shapes/shapes-base --seed 0 --overwrite
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -114,7 +114,7 @@ def masked_fraction(first_group: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from opgrpo.shapes.grammar import TAGS, all_prompts, write_jsonl
+    from tasks.shapes.grammar import TAGS, all_prompts, write_jsonl
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ def measure(n_actors: int, threads: int, args) -> dict:
     from opgrpo.sampling import trajectory_seed
 
     config = load_config(str(ROOT / args.config), [
-        f"run.torch_threads={threads}", f"model.path={ROOT / 'models' / 'shapes-base'}"])
+        f"run.torch_threads={threads}", f"model.path={ROOT / 'tasks/shapes/shapes-base'}"])
     prompts = load_prompts(str(ROOT / config.train.prompts_file))
     actor_cls = ray.remote(RolloutWorker).options(num_cpus=0)
     actors = [actor_cls.remote(config.model_dump(mode="json"), i) for i in range(n_actors)]

@@ -115,7 +115,7 @@ def _reward_options(args: argparse.Namespace) -> dict | None:
 
 
 def _cmd_geneval_server(args: argparse.Namespace) -> int:
-    from opgrpo.geneval_server import serve
+    from tasks.geneval.server import serve
 
     serve(args.host, args.port, args.scorer, args.detector, args.clip, args.device)
     return 0
@@ -134,10 +134,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     from opgrpo.evaluate import EvalSettings, evaluate
     from opgrpo.images import save_grid
-    from opgrpo.model_card import plot_pretrain_losses, write_model_card
     from opgrpo.models import FlowPolicy
-    from opgrpo.pretrain import PretrainSettings, pretrain
     from opgrpo.prompts import load_prompts
+    from tasks.shapes.model_card import plot_pretrain_losses, write_model_card
+    from tasks.shapes.pretrain import PretrainSettings, pretrain
 
     out = Path(args.out)
     records = load_prompts(args.eval_prompts)  # fail before an hour of training, not after
@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_shapes_prompts(args: argparse.Namespace) -> int:
-    from opgrpo.shapes.grammar import split_prompts, write_jsonl
+    from tasks.shapes.grammar import split_prompts, write_jsonl
 
     train, test = split_prompts(seed=args.seed)
     out = Path(args.out)

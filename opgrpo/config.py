@@ -85,6 +85,34 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute transformer activations in the backward pass (learner): "
         "less memory, about a third more compute.")
+    init_lora: str | None = Field(
+        None, description="Start from this LoRA instead of a fresh adapter (Flow-GRPO's "
+        "train.lora_path): a directory in diffusers' format (what `opgrpo export` writes, "
+        "pytorch_lora_weights.safetensors) or peft's (adapter_model.safetensors + "
+        "adapter_config.json, e.g. Flow-GRPO's checkpoints/checkpoint-N/lora). Learner ranks "
+        "and rollout actors load it into the trainable adapter, whose rank, alpha and target "
+        "modules (model.lora_*) must match it; the KL reference stays the base model.")
+
+    @field_validator("init_lora")
+    @classmethod
+    def _check_init_lora(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"directory {value} does not exist (a LoRA directory, e.g. "
+                             "written by `opgrpo export RUN --out DIR`)")
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"{value} holds no *.safetensors file (LoRA weights in diffusers' "
+                             "or peft's format; pickled .bin files are not loaded)")
+        return str(path.resolve())  # actors may run in another working directory
+
+    @model_validator(mode="after")
+    def _init_lora_needs_lora(self) -> ModelConfig:
+        if self.init_lora is not None and self.lora_rank == 0:
+            raise ValueError("model.init_lora needs model.lora_rank > 0 (the rank of that LoRA): "
+                             "it is loaded into the trainable LoRA adapter")
+        return self
 
 
 class SamplingConfig(_Section):

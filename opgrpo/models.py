@@ -142,6 +142,48 @@ def model_defaults(path: str | Path) -> dict:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
 
 
+def _read_lora(directory: Path, pipeline_class) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict keyed as peft's `get_peft_model_state_dict` of the transformer, the saved
+    LoraConfig fields r / lora_alpha / target_modules where recorded) of a LoRA directory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    peft_config = directory / "adapter_config.json"
+    if peft_config.is_file():  # peft's save_pretrained (Flow-GRPO's checkpoints)
+        weights = directory / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"model.init_lora {directory}: adapter_config.json but no "
+                                    "adapter_model.safetensors (.bin files are not loaded)")
+        state = {k.removeprefix("base_model.model."): v
+                 for k, v in load_file(str(weights)).items()}
+        return state, json.loads(peft_config.read_text())
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    name = "pytorch_lora_weights.safetensors"  # diffusers' default name
+    if name not in files:
+        if len(files) != 1:
+            raise FileNotFoundError(f"model.init_lora {directory}: no {name} and not exactly "
+                                    f"one *.safetensors file ({files})")
+        name = files[0]
+    with safe_open(str(directory / name), framework="pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    state = pipeline_class.lora_state_dict(str(directory), weight_name=name,
+                                           use_safetensors=True)
+    if isinstance(state, tuple):  # FLUX may return (state, network alphas)
+        state = state[0]
+    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("transformer.")})
+    if others:
+        raise ValueError(f"model.init_lora {directory}: LoRA layers for {others}; only the "
+                         "transformer's are trained here")
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    if state and "lora_A" not in next(iter(state)):  # older diffusers names (lora.down / up)
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state = convert_unet_state_dict_to_peft(state)
+    saved = {k.removeprefix("transformer."): v for k, v in metadata.items()
+             if k.startswith("transformer.")}
+    return state, saved
+
+
 # Pipeline class in model_index.json -> the module and class of its adapter.
 FAMILIES = {
     "StableDiffusion3Pipeline": ("opgrpo.policies.sd3", "SD3Policy"),
@@ -245,12 +287,57 @@ class FlowPolicy:
     def from_config(cls, config, device: str = "cpu", **kwargs) -> FlowPolicy:
         """The policy a run's `model` section describes (rollout actors, learner ranks)."""
         model = config.model
-        return cls.from_pretrained(
+        policy = cls.from_pretrained(
             model.path, dtype=model.dtype, device=device, lora_rank=model.lora_rank,
             lora_alpha=model.lora_alpha, lora_target_modules=model.lora_target_modules,
             max_sequence_length=model.max_sequence_length, num_frames=model.num_frames,
             offload_text_encoders=model.offload_text_encoders,
             prompt_cache_size=model.prompt_cache_size, **kwargs)
+        if model.init_lora:
+            policy.init_lora_from(model.init_lora)
+        return policy
+
+    def init_lora_from(self, directory: str | Path) -> None:
+        """Set the trainable LoRA adapter to the LoRA saved in `directory` (`model.init_lora`),
+        so that training continues from it. Unlike `load_lora` (a second, frozen adapter for
+        sampling) the weights go INTO the adapter the optimizer trains. Formats: diffusers'
+        (`opgrpo export`, `save_lora_weights`; read with the pipeline's `lora_state_dict`) and
+        peft's (`adapter_model.safetensors` + `adapter_config.json`, as Flow-GRPO saves).
+        Its modules, rank and alpha must be the adapter's: a mismatch is an error naming the
+        `model.lora_*` setting to change."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        where = f"model.init_lora {directory}"
+        if self.lora_rank == 0:
+            raise ValueError(f"{where}: needs model.lora_rank > 0")
+        state, saved = _read_lora(Path(directory), type(self.pipeline))
+        ours = get_peft_model_state_dict(self.transformer)
+        missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        if missing or extra:
+            hint = (f" (its target modules: {saved['target_modules']})"
+                    if saved.get("target_modules") else "")
+            raise ValueError(
+                f"{where}: its LoRA layers are not those of model.lora_target_modules "
+                f"{list(self.transformer.peft_config['default'].target_modules)}{hint}: "
+                f"{len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. "
+                f"{extra[:2]}")
+        adapter = self.transformer.peft_config["default"]
+        for name, value in ours.items():
+            if state[name].shape != value.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, the "
+                                 f"adapter {tuple(value.shape)}: its rank is "
+                                 f"{saved.get('r', '?')}, model.lora_rank {adapter.r}")
+        alpha = saved.get("lora_alpha")
+        if alpha is not None and float(alpha) != float(adapter.lora_alpha):
+            raise ValueError(f"{where}: its lora_alpha is {alpha}, model.lora_alpha "
+                             f"{adapter.lora_alpha} (the scale alpha / rank must be the same)")
+        if alpha is None:
+            log.warning("%s records no lora_alpha: assuming model.lora_alpha (%s)", where,
+                        adapter.lora_alpha)
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{where}: peft did not place {result.unexpected_keys[:3]}")
+        log.info("%s: %d LoRA tensors loaded into the trainable adapter", where, len(state))
 
     @classmethod
     def load_pipeline(cls, path: Path, dtype: str = "float32"):

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data(tmp_path, **sections):
-    data = {"model": {"path": str(REPO / "models" / "shapes-base"), "height": 32, "width": 32},
+    data = {"model": {"path": str(REPO / "tasks/shapes/shapes-base"), "height": 32, "width": 32},
             "reward": {"functions": {"shapes_partial": 1.0}},
             "train": {"prompts_file": str(REPO / "configs/shapes/train_metadata.jsonl")},
             "run": {"output_dir": str(tmp_path)}}

@@ -48,7 +48,7 @@ CLOSE = (M.LOSS_POLICY, M.LOSS_KL, M.LOSS_APPROX_KL, M.LOSS_SEQ_WEIGHT_MEAN)
 
 def _data(tmp_path, name, **sections):
     data = {
-        "model": {"path": str(REPO / "models" / "shapes-base"), "height": 32, "width": 32},
+        "model": {"path": str(REPO / "tasks/shapes/shapes-base"), "height": 32, "width": 32},
         "sampling": {"num_steps": 6, "guidance_scale": 1.0},
         "rollout": {"num_actors": 2, "num_cpus": 0.25, "prompts_per_step": 4, "group_size": 4,
                     "chunk_size": 8},

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actors.rewards import get_reward
-from opgrpo.geneval_rules import COLORS, Detection, RuleSettings, judge, relations, select
+from tasks.geneval.rules import COLORS, Detection, RuleSettings, judge, relations, select
 
 
 def _det(x1, y1, x2, y2, score=0.95):
@@ -97,9 +97,9 @@ def test_detector_scorer_through_the_server(tiny_detector, tmp_path):
     import json
     from pathlib import Path
 
-    from opgrpo.geneval_server import DetectorScorer, make_server
-    from opgrpo.shapes.render import render_batch
     from opgrpo.tiny import save_tiny_clip
+    from tasks.geneval.server import DetectorScorer, make_server
+    from tasks.shapes.render import render_batch
 
     scorer = DetectorScorer(str(tiny_detector), str(save_tiny_clip(tmp_path / "clip")))
     repo = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import json
 import torch
 
 from opgrpo.models import FlowPolicy
-from opgrpo.pretrain import EMA, PretrainSettings, pretrain, set_latent_normalisation
+from tasks.shapes.pretrain import EMA, PretrainSettings, pretrain, set_latent_normalisation
 
 TINY = PretrainSettings(seed=5, batch_size=8, vae_steps=3, flow_steps=3, dataset_size=64,
                         warmup_steps=1, num_layers=1)
@@ -36,7 +36,7 @@ def test_pretrain_writes_a_loadable_pipeline_and_is_reproducible(tmp_path):
 
 
 def test_latent_normalisation_is_stored_in_the_vae_config():
-    from opgrpo.shapes.model import build_vae
+    from tasks.shapes.model import build_vae
 
     vae = build_vae()
     latents = torch.randn(500, 8, 8, 8) * 3 + 2

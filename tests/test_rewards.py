@@ -19,7 +19,7 @@ from actors.rewards import get_reward
 from actors.rewards.aesthetic import convert_head, load_head
 from actors.rewards.ocr import edit_distance, quoted_text, text_reward
 from opgrpo.config import ConfigError, build_config
-from opgrpo.geneval_server import make_server
+from tasks.geneval.server import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_jpeg_rewards_simple_images():
     noise: the size is PIL's JPEG at quality 95, and simpler pictures score higher."""
     import io
 
-    from opgrpo.shapes.render import render_batch
+    from tasks.shapes.render import render_batch
 
     plot = Image.open(sorted((REPO / "bench" / "results").glob("*.png"))[0]).convert("RGB")
     plot = plot.resize((128, 96))
@@ -180,7 +180,7 @@ def _shapes_rows(n: int) -> list[dict]:
 
 
 def test_geneval_client_scores_through_the_server(shapes_server):
-    from opgrpo.shapes.render import render_batch
+    from tasks.shapes.render import render_batch
 
     rows = _shapes_rows(3)
     good = render_batch(rows, seed=0).astype(np.float32) / 255

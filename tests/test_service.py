@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _config(tmp_path, **sections):
     data = {
-        "model": {"path": str(REPO / "models" / "shapes-base"), "height": 32, "width": 32},
+        "model": {"path": str(REPO / "tasks/shapes/shapes-base"), "height": 32, "width": 32},
         "sampling": {"num_steps": 4, "guidance_scale": 1.0, "eval_num_steps": 4,
                      "eval_guidance_scale": 1.0},
         "rollout": {"num_actors": 2, "num_cpus": 0.25, "prompts_per_step": 4, "group_size": 4,
@@ -190,6 +190,6 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     a = load_file(str(from_safetensors / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(from_deepspeed / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    base = load_file(str(REPO / "models" / "shapes-base" / "transformer"
+    base = load_file(str(REPO / "tasks" / "shapes" / "shapes-base" / "transformer"
                          / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], base[k].float()) for k in base)  # it did train

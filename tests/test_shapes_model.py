@@ -11,7 +11,7 @@ from opgrpo.models import FlowPolicy
 from opgrpo.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "shapes-base"
+MODEL = REPO / "tasks" / "shapes" / "shapes-base"
 
 
 @pytest.fixture(scope="module")

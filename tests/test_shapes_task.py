@@ -10,7 +10,7 @@ import torch
 
 from actors.rewards import get_reward
 from actors.rewards.shapes import classify_shape, detect, score_images, summarize
-from opgrpo.shapes.grammar import (
+from tasks.shapes.grammar import (
     COLORS,
     HELD_OUT_PAIRS,
     SHAPES,
@@ -20,7 +20,7 @@ from opgrpo.shapes.grammar import (
     split_prompts,
     uses_held_out_pair,
 )
-from opgrpo.shapes.render import (
+from tasks.shapes.render import (
     PALETTE,
     PlacedObject,
     draw,

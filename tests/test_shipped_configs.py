@@ -19,9 +19,9 @@ import pytest
 import ray
 
 from opgrpo.config import load_config
-from opgrpo.geneval_server import make_server
 from opgrpo.tiny import save_tiny, save_tiny_clip
 from opgrpo.train import Trainer
+from tasks.geneval.server import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["sd35m_geneval", "sd35m_ocr", "sd35m_pickscore", "flux_pickscore", "wan21_ocr"]

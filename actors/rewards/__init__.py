@@ -86,14 +86,14 @@ class RewardSpec:
 
 def _shapes_score(images, prompts: list[str]) -> dict[str, np.ndarray]:
     from actors.rewards.shapes import score_images, to_uint8
-    from opgrpo.shapes.grammar import metadata_for
+    from tasks.shapes.grammar import metadata_for
 
     return score_images(to_uint8(images), [metadata_for(p) for p in prompts])
 
 
 def _shapes_summary(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
     from actors.rewards.shapes import summarize
-    from opgrpo.shapes.grammar import metadata_for
+    from tasks.shapes.grammar import metadata_for
 
     return summarize(scores, [metadata_for(p) for p in prompts])
 

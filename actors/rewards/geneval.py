@@ -10,7 +10,7 @@ The contract, POST `url`:
 The metadata of a prompt comes from the prompt files (`metadata_files`, GenEval-style JSONL;
 default: the run's train and eval prompt files). `opgrpo geneval-server` serves this contract:
 `--scorer geneval --detector DIR --clip DIR --device cuda` with GenEval's rules over a
-Mask2Former detector and CLIP colours (`opgrpo/geneval_rules.py`), `--scorer shapes` for the
+Mask2Former detector and CLIP colours (`tasks/geneval/rules.py`), `--scorer shapes` for the
 shapes task (tests, demos). Timeouts and failed requests are retried
 `retries` times with doubling waits; then the error names the URL.
 """

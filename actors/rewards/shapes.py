@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from opgrpo.shapes.grammar import TAGS
-from opgrpo.shapes.render import BACKGROUND, PALETTE, relation_holds
+from tasks.shapes.grammar import TAGS
+from tasks.shapes.render import BACKGROUND, PALETTE, relation_holds
 
 COLOR_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array([BACKGROUND, *PALETTE.values()], dtype=np.float32)  # index 0: background

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from opgrpo.models import MODEL_DEFAULTS_FILE
-from opgrpo.shapes.grammar import split_prompts
-from opgrpo.shapes.render import render_batch
+from tasks.shapes.grammar import split_prompts
+from tasks.shapes.render import render_batch
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train_flow(pipeline, prompts: list[str], latents: torch.Tensor, settings, re
 
 def pretrain(out_dir: str | Path, settings: PretrainSettings, progress=None) -> dict:
     """Train the shapes base model into `out_dir`; returns the training record."""
-    from opgrpo.shapes.model import build_untrained_pipeline
+    from tasks.shapes.model import build_untrained_pipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 Scorers:
 - `shapes`: the shapes task's exact checker (GenEval's metadata format, the shapes classes);
   what the tests and the CPU demo run.
-- `geneval`: GenEval's rules (`opgrpo/geneval_rules.py`) over a Mask2Former instance
+- `geneval`: GenEval's rules (`tasks/geneval/rules.py`) over a Mask2Former instance
   detector (transformers' `Mask2FormerForUniversalSegmentation`, e.g. a local copy of
   facebook/mask2former-swin-small-coco-instance) and a CLIP zero-shot colour classifier
   (e.g. openai/clip-vit-large-patch14): `--detector DIR --clip DIR --device cuda`. GenEval's
@@ -52,7 +52,7 @@ class DetectorScorer:
         import torch
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        from opgrpo.geneval_rules import RuleSettings
+        from tasks.geneval.rules import RuleSettings
 
         self.torch, self.device = torch, torch.device(device)
         self.settings = settings or RuleSettings()
@@ -65,7 +65,7 @@ class DetectorScorer:
 
     def detect(self, image: np.ndarray) -> dict:
         """All instances the detector proposes (the rules apply the thresholds)."""
-        from opgrpo.geneval_rules import Detection
+        from tasks.geneval.rules import Detection
 
         height, width = image.shape[:2]
         inputs = self.processor(images=[Image.fromarray(image)], return_tensors="pt")
@@ -85,7 +85,7 @@ class DetectorScorer:
         return found
 
     def _classifier(self, name: str):
-        from opgrpo.geneval_rules import COLORS
+        from tasks.geneval.rules import COLORS
 
         if name not in self._classifiers:
             rows = []
@@ -102,7 +102,7 @@ class DetectorScorer:
 
     def colors(self, image: np.ndarray, detections, name: str) -> list[str]:
         """The colour of each detection: its mask over grey, cropped to its box, zero-shot."""
-        from opgrpo.geneval_rules import COLORS
+        from tasks.geneval.rules import COLORS
 
         pil = Image.fromarray(image)
         grey = Image.new("RGB", pil.size, "#999")
@@ -120,7 +120,7 @@ class DetectorScorer:
         return [COLORS[int(i)] for i in picks]
 
     def __call__(self, images: np.ndarray, metadata: list[dict]) -> dict[str, np.ndarray]:
-        from opgrpo.geneval_rules import judge, select
+        from tasks.geneval.rules import judge, select
 
         strict, partial = [], []
         for image, meta in zip(images, metadata):

@@ -12,7 +12,7 @@ images, and 8 x 8 latents give 64 tokens, which the CPU speed budget of RL can a
 
 from __future__ import annotations
 
-from opgrpo.shapes.grammar import vocabulary
+from tasks.shapes.grammar import vocabulary
 
 TEXT_TOKENS = 16
 CLIP_HIDDEN = 64
