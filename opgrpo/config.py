@@ -332,7 +332,7 @@ class TrainConfig(_Section):
         "async", description="async: the rollout of the next batches runs while the learner "
         "trains (see max_staleness); the faster mode when rollout and learner have their own "
         "devices. sync: rollout waits for the learner and the learner for rollout; use it "
-        "when they share devices (BENCHMARKS.md section 7).")
+        "when they share devices (docs/benchmarks.md section 7).")
     max_staleness: int = Field(
         1, ge=0, description="Async mode: weight versions a fresh sample may lag behind the "
         "learner when it is trained. Batch k is launched as soon as version k-1-s exists, so "
@@ -447,7 +447,7 @@ class Config(_Section):
             return (f"train.mode is async, but rollout.num_gpus ({rollout}) and "
                     f"learner.num_gpus ({learner}) let Ray put a rollout actor and a learner "
                     "rank on one GPU, where they compete instead of overlapping: set "
-                    "train.mode=sync for this layout (BENCHMARKS.md, section 7)")
+                    "train.mode=sync for this layout (docs/benchmarks.md, section 7)")
         return None
 
     @property
