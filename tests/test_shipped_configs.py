@@ -46,6 +46,10 @@ FLOW_GRPO_SD35M = {
     "learner.updates_per_step": 1, "learner.detach_uncond": True, "train.eval_every": 60,
     # scripts/train_sd3.py: EMAModuleWrapper(decay=0.9, update_step_interval=8)
     "learner.ema": True, "learner.ema_decay": 0.9, "learner.ema_update_every": 8,
+    # train_sd3.py's target_modules: not the attn2 of SD3.5-M's dual-attention blocks
+    "model.lora_target_modules": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                  "attn.to_add_out"],
 }
 FLOW_GRPO_KL = {"sd35m_geneval": 0.04, "sd35m_ocr": 0.04, "sd35m_pickscore": 0.01}
 
