@@ -36,8 +36,6 @@ FLOW_GRPO_SD35M = {
     "sampling.num_steps": 10, "sampling.eval_num_steps": 40, "sampling.guidance_scale": 4.5,
     "sampling.noise_level": 0.7, "model.height": 512, "model.width": 512,
     "model.lora_rank": 32, "model.lora_alpha": 64,
-    "model.lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
-                                  "add_k_proj", "add_v_proj", "to_add_out"],
     "rollout.group_size": 24, "rollout.prompts_per_step": 48, "learner.micro_batch_size": 9,
     "learner.clip_range": 1e-4, "learner.adv_clip_max": 5, "learner.global_std": True,
     "learner.timestep_fraction": 0.99, "learner.learning_rate": 3e-4,
