@@ -25,7 +25,7 @@ on a real engine) and one stored trajectory. Activations are not counted: they d
 GPU kernels and batch (`bench/gpu_check.py` measures peak memory on a GPU).
 
     python bench/sizing.py           # writes bench/results/sizing.json, prints the tables
-    python bench/sizing.py --docs    # also rewrites the tables in README.md and
+    python bench/sizing.py --docs    # also rewrites the tables in docs/models-and-rewards.md and
                                      # deploy/README.md (between `sizing:` markers)
     python bench/sizing.py --check   # exits 1 when those tables differ from the counts
 """
@@ -44,7 +44,7 @@ RESULTS = ROOT / "bench" / "results"
 GIB, MIB = 2**30, 2**20
 CONFIGS = {"sd35m_geneval": "sd3", "flux_pickscore": "flux", "wan21_ocr": "wan"}
 MODEL_NAMES = {"sd3": "SD3.5-M", "flux": "FLUX.1-dev", "wan": "Wan2.1-T2V-1.3B"}
-DOCS = {"README.md": "roles", "deploy/README.md": "sd35m"}
+DOCS = {"docs/models-and-rewards.md": "roles", "deploy/README.md": "sd35m"}
 # Bytes per trainable LoRA parameter in a checkpoint: the adapter in DeepSpeed's model file
 # (4), its safetensors copy (4), the optimizer's float32 partition (4) and two moments (8).
 LORA_CHECKPOINT_BYTES = 20
@@ -313,7 +313,7 @@ def _gib(n_bytes: int) -> str:
 
 
 def roles_table(result: dict) -> str:
-    """README: per shipped config, what one process holds."""
+    """docs/models-and-rewards.md: per shipped config, what one process holds."""
     lines = ["| config | on the GPU, rollout actor | on the GPU, learner rank (LoRA) | "
              "host, per process | LoRA push / checkpoint | trajectory |",
              "|---|---|---|---|---|---|"]
