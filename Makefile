@@ -5,7 +5,7 @@ STAMP := $(VENV)/.opgrpo-installed
 export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install system-deps demo test lint bench bench-sample-efficiency bench-async gpu-check \
+.PHONY: install system-deps demo test lint bench bench-sample-efficiency bench-async bench-hard-regime gpu-check \
 	pretrain clean
 
 install: $(STAMP)
@@ -51,6 +51,13 @@ bench-async: install
 	$(PY) bench/async_pipeline.py timing
 	$(PY) bench/async_pipeline.py run
 	$(PY) bench/async_pipeline.py report
+
+# OP-GRPO where whole groups fail (docs/benchmarks.md section 8; ~1 h per run, 15 runs,
+# resumable): the hard prompt sets, then GRPO / OP-GRPO / none / naive / replay-where-needed
+bench-hard-regime: install
+	test -f configs/shapes/hard_train_metadata.jsonl || $(PY) bench/hard_prompts.py
+	$(PY) bench/hard_regime.py run
+	$(PY) bench/hard_regime.py report
 
 # One GPU (80-140 GB), at most 10 minutes: rollout images/s, learner s/update, peak memory per
 # role, the bf16 on-policy ratio, LoRA push time and a 2-step service run on a random pipeline of
