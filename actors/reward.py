@@ -12,6 +12,20 @@ from actors.rewards import get_reward, score_frames
 TOTAL = "total"
 
 
+def checked_scores(name: str, scores: dict, n: int) -> dict[str, np.ndarray]:
+    """The score arrays a reward function returned, each (n,) float64; one of another length
+    is refused here, in the reward actor, naming the reward and the counts (the driver would
+    otherwise index past it, or pair scores with the wrong samples)."""
+    out = {}
+    for key, values in scores.items():
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.shape != (n,):
+            raise ValueError(f"reward {name!r} returned {array.size} {key!r} scores for {n} "
+                             f"images: a reward must return one score per image")
+        out[key] = array
+    return out
+
+
 class RewardWorker:
     """Holds the reward functions of `reward.functions` ({name: weight})."""
 
@@ -46,7 +60,8 @@ class RewardWorker:
                    ) -> dict[str, np.ndarray]:
         """Every score of reward `name` (not only its main key), for evaluation summaries."""
         floats = np.moveaxis(images.astype(np.float32) / 255.0, -1, -3)
-        return score_frames(self.specs[name], floats, prompts)
+        return checked_scores(name, score_frames(self.specs[name], floats, prompts),
+                              len(prompts))
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """images (N, H, W, 3) uint8, or videos (N, F, H, W, 3) -> {TOTAL: weighted sum, name:
@@ -57,8 +72,11 @@ class RewardWorker:
         out: dict[str, np.ndarray] = {}
         total = np.zeros(len(prompts))
         for name, spec in self.specs.items():
-            values = np.asarray(score_frames(spec, floats, prompts)[spec.key],
-                                dtype=np.float64)
+            scores = checked_scores(name, score_frames(spec, floats, prompts), len(prompts))
+            if spec.key not in scores:
+                raise ValueError(f"reward {name!r} returned no {spec.key!r} score (got "
+                                 f"{sorted(scores)})")
+            values = scores[spec.key]
             out[name] = values
             total += self.weights[name] * values
         out[TOTAL] = total

@@ -65,8 +65,10 @@ class ModelConfig(_Section):
         "Flow-GRPO's, the image and the text stream of every attention block; names a "
         "family lacks are skipped).",
     )
-    height: int = Field(512, ge=8, description="Image height in pixels.")
-    width: int = Field(512, ge=8, description="Image width in pixels.")
+    height: int = Field(512, ge=8, le=4096, multiple_of=8,
+                        description="Image height in pixels (a multiple of 8, at most 4096).")
+    width: int = Field(512, ge=8, le=4096, multiple_of=8,
+                       description="Image width in pixels (a multiple of 8, at most 4096).")
     max_sequence_length: int | None = Field(
         None, ge=1, description="T5 tokens per prompt; unset = the model directory's setting "
         "or the family's default (SD3 128 as Flow-GRPO, FLUX 512, Wan 226)."
@@ -135,7 +137,7 @@ class RolloutConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout actor.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per iteration.")
     group_size: int = Field(8, ge=2, description="Trajectories per prompt (G).")
-    chunk_size: int = Field(8, ge=1, description="Trajectories per rollout task.")
+    chunk_size: int = Field(8, ge=1, le=4096, description="Trajectories per rollout task.")
     resources: Resources = Field(
         default_factory=dict, description="Custom Ray resources per rollout actor, e.g. "
         "{rollout_slot: 1} to place rollout actors on nodes started with --resources.")
@@ -316,6 +318,10 @@ class LearnerConfig(_Section):
     ema_update_every: int = Field(
         1, ge=1, description="Optimizer steps between EMA updates (Flow-GRPO's SD3 script "
         "updates every 8 of its steps).")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="A learner update whose loss is NaN or infinite is skipped (no "
+        "optimizer step; counted in loss/skipped_updates); after this many consecutive "
+        "steps with a skipped update the run stops with an error instead of training on.")
 
     @model_validator(mode="after")
     def _check_ema(self) -> LearnerConfig:
@@ -334,9 +340,10 @@ class TrainConfig(_Section):
         "devices. sync: rollout waits for the learner and the learner for rollout; use it "
         "when they share devices (docs/benchmarks.md section 7).")
     max_staleness: int = Field(
-        1, ge=0, description="Async mode: weight versions a fresh sample may lag behind the "
-        "learner when it is trained. Batch k is launched as soon as version k-1-s exists, so "
-        "up to s batches are drawn ahead. 0 = the synchronous schedule. Ignored in sync mode.")
+        1, ge=0, le=64, description="Async mode: weight versions a fresh sample may lag "
+        "behind the learner when it is trained. Batch k is launched as soon as version k-1-s "
+        "exists, so up to s batches are drawn ahead. 0 = the synchronous schedule. Ignored in "
+        "sync mode.")
     prompts_file: str | None = Field(None, description="Training prompts (txt or JSONL).")
     eval_prompts_file: str | None = Field(None, description="Evaluation prompts.")
     eval_every: int = Field(25, ge=1)
@@ -350,6 +357,16 @@ class TrainConfig(_Section):
     keep_checkpoints: int | None = Field(
         3, ge=1, description="Newest checkpoints kept on disk (older ones are deleted after "
         "each new one is complete); unset = keep all.")
+    step_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest the driver waits for one piece of a step's work "
+        "(a rollout chunk, its rewards, a learner rank's update, a weight push, the buffer): "
+        "past it the run stops with an error naming the actor and what it waited for. Ray's "
+        "restart of a crashed actor and its re-run tasks happen within this wait.")
+    actor_start_timeout_s: float = Field(
+        1200.0, gt=0, description="Longest the driver waits for an actor to be placed by Ray "
+        "and to load its model (learner ranks, rollout actors, also those `opgrpo scale` "
+        "adds). Requests the whole cluster cannot hold are refused at once, before any actor "
+        "starts; this bounds the wait for resources that exist but are busy.")
 
 
 class RunConfig(_Section):
@@ -360,6 +377,11 @@ class RunConfig(_Section):
     max_actor_restarts: int = Field(
         5, ge=-1, description="Times Ray restarts a crashed rollout, reward or buffer actor "
         "(its unfinished tasks run again on the new one); -1 = no limit.")
+    check_cluster_resources: bool = Field(
+        True, description="Before any actor starts (and for each `opgrpo scale`), compare "
+        "the actors' summed requests (num_cpus, num_gpus, resources; learner ranks x per "
+        "rank) with what the Ray cluster holds and refuse, naming the fields, what does not "
+        "fit. Turn off for an autoscaling cluster that adds nodes on demand.")
     dashboard_host: str | None = Field(
         None, description="Start the local Ray's dashboard bound to this address (e.g. "
         "127.0.0.1); unset = no dashboard. Not used when joining a cluster.")
@@ -567,6 +589,8 @@ def _described_fields(model: type[BaseModel], prefix: str):
                   if getattr(m, attr, None) is not None]
         limits += [f"matching {m.pattern}" for m in field.metadata
                    if getattr(m, "pattern", None)]
+        limits += [f"multiple of {m.multiple_of}" for m in field.metadata
+                   if getattr(m, "multiple_of", None)]
         if limits:
             kind += f" ({', '.join(limits)})"
         default = field.get_default(call_default_factory=True)

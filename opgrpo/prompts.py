@@ -32,7 +32,14 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records: list[PromptRecord] = []
     is_jsonl = path.suffix in (".jsonl", ".json")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                         f"offset {exc.start}); save the file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or (not is_jsonl and line.startswith("#")):
             continue
