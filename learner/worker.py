@@ -339,12 +339,11 @@ class LearnerWorker:
         if self.rank == 0:
             from safetensors.numpy import save_file
 
+            from opgrpo.durable import atomic_write  # temp file, fsync, rename, fsync dir
             from opgrpo.export import WEIGHTS_FILE
 
-            target = Path(directory) / tag / WEIGHTS_FILE
-            tmp = target.with_suffix(".tmp")
-            save_file(state, str(tmp), metadata={"version": str(self.version)})
-            os.replace(tmp, target)
+            atomic_write(Path(directory) / tag / WEIGHTS_FILE, lambda tmp: save_file(
+                state, str(tmp), metadata={"version": str(self.version)}))
             if self.ema is not None:
                 self._save_ema(Path(directory) / tag)
         return tag
@@ -354,15 +353,14 @@ class LearnerWorker:
         EMAModel's update count and the counter of steps towards the next update."""
         from safetensors.numpy import save_file
 
+        from opgrpo.durable import atomic_write
         from opgrpo.export import EMA_FILE
 
-        target = tag_dir / EMA_FILE
-        tmp = target.with_suffix(".tmp")
-        save_file(self.export_ema_weights(), str(tmp), metadata={
+        weights = self.export_ema_weights()
+        atomic_write(tag_dir / EMA_FILE, lambda tmp: save_file(weights, str(tmp), metadata={
             "version": str(self.version), "decay": str(self.ema.decay),
             "optimization_step": str(self.ema.optimization_step),
-            "pending": str(self._ema_pending)})
-        os.replace(tmp, target)
+            "pending": str(self._ema_pending)}))
 
     def _load_ema(self, tag_dir: Path) -> None:
         """Restore the EMA saved with a checkpoint; one without it (written with learner.ema

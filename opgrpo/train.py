@@ -1,12 +1,14 @@
 """`opgrpo train`: set up a run (Ray, actors, run directory), loop, checkpoint, resume.
 
 The run directory `runs/<name>/` holds `config.yaml` (resolved), `metrics.jsonl` (one JSON
-object per step), `checkpoints/` (DeepSpeed state + `latest.json`), `samples/` (eval grids),
+object per step), `checkpoints/` (DeepSpeed state and a `manifest.json` per checkpoint,
+`latest.json`; see `opgrpo.durable`), `samples/` (eval grids),
 `redis/` (the embedded buffer's data) and `eval.jsonl`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
 from learner.worker import LearnerWorker, nan_mean
+from opgrpo import durable
 from opgrpo import metrics as M
 from opgrpo.config import Config, dump_config, load_config
 from opgrpo.driver import (
@@ -89,24 +92,22 @@ def runtime_env(config: Config) -> dict:
 
 
 def prune_checkpoints(directory: Path, keep: int | None, latest_tag: str) -> list[str]:
-    """Delete the oldest `stepN` checkpoints beyond the newest `keep` (never `latest_tag`);
-    returns the deleted tags. `keep` None keeps all."""
+    """Delete the `stepN` checkpoints beyond the newest `keep` (never `latest_tag`); returns
+    the deleted tags. `keep` None keeps all. Complete checkpoints (with a manifest) rank before
+    incomplete ones, so that a directory left by a failed save never pushes out the checkpoint
+    a resume would fall back to; directories newer than `latest_tag` (a run resumed at an
+    older step) are neither counted nor deleted."""
     import shutil
 
     if keep is None:
         return []
-    tags = sorted((p.name for p in directory.glob("step*")
-                   if p.is_dir() and p.name[4:].isdigit()), key=lambda name: int(name[4:]))
-    doomed = [t for t in tags[:-keep] if t != latest_tag] if len(tags) > keep else []
+    steps = [s for s in durable.checkpoint_steps(directory) if s <= int(latest_tag[4:])]
+    ranked = sorted(steps, reverse=True, key=lambda s: (
+        (directory / f"step{s}" / durable.MANIFEST).is_file(), s))
+    doomed = [f"step{s}" for s in sorted(ranked[keep:]) if f"step{s}" != latest_tag]
     for tag in doomed:
         shutil.rmtree(directory / tag)
     return doomed
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -213,45 +214,111 @@ class Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, step: int, with_buffer: bool = True) -> None:
-        """Learner state, then the buffer's snapshot, then `latest.json` (the commit point:
-        a run killed before it resumes from the previous checkpoint, whose buffer state is
-        still recoverable), then the buffer drops what only older checkpoints needed."""
+        """Learner state, then its manifest (every file's size and sha256, each file fsynced),
+        then the buffer's snapshot, then `latest.json` (the commit point: a run killed before
+        it resumes from the previous checkpoint, whose buffer state is still recoverable),
+        then pruning, then the buffer drops what neither this checkpoint nor the one a resume
+        would fall back to (the newest older complete one) needs. A write that fails (a full
+        disk) removes the incomplete checkpoint and stops the run with a message."""
+        import shutil
+
         directory = self.run_dir / "checkpoints"
         tag = f"step{step}"
-        self.learners.save_checkpoint(str(directory.resolve()), tag)
+        try:
+            # a directory of this step is from an attempt that never completed or a run that
+            # resumed at an older step: latest.json names an older checkpoint
+            shutil.rmtree(directory / tag, ignore_errors=True)
+            self.learners.save_checkpoint(str(directory.resolve()), tag)
+            durable.write_manifest(directory / tag, step=step, tag=tag, version=self.version)
+        except Exception as exc:
+            shutil.rmtree(directory / tag, ignore_errors=True)  # frees what it took
+            self._stop_for_write(exc, f"the checkpoint of step {step}", directory / tag,
+                                 "its incomplete files were removed; ")
+            raise
         if with_buffer:
             ray.get(self.buffer.checkpoint.remote(step))
-        _write_json_atomic(directory / "latest.json",
-                           {"step": step, "tag": tag, "version": self.version})
+        try:
+            durable.atomic_write_json(directory / durable.LATEST, {
+                "step": step, "tag": tag, "version": self.version,
+                "manifest": durable.MANIFEST})
+        except OSError as exc:
+            try:  # is the new latest.json in place (only its directory's fsync failed)?
+                named = json.loads((directory / durable.LATEST).read_text())["tag"]
+            except (OSError, ValueError, KeyError, TypeError):
+                named = None
+            if named != tag:
+                shutil.rmtree(directory / tag, ignore_errors=True)
+            self._stop_for_write(exc, f"the checkpoint of step {step}", directory / tag,
+                                 "its incomplete files were removed; ")
+            raise
         self.last_checkpoint = step
-        if with_buffer:
-            ray.get(self.buffer.checkpoint_done.remote(step))
         # only after the new checkpoint is complete (latest.json names it)
         prune_checkpoints(directory, self.config.train.keep_checkpoints, tag)
+        if with_buffer:
+            fallback = next((s for s in durable.checkpoint_steps(directory) if s < step and (
+                directory / f"step{s}" / durable.MANIFEST).is_file()), step)
+            ray.get(self.buffer.checkpoint_done.remote(fallback))
 
-    def restore(self) -> int:
-        """Load the latest checkpoint; returns the first step to run."""
-        latest = self.run_dir / "checkpoints" / "latest.json"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{latest} is missing: no checkpoint to resume from")
-        state = json.loads(latest.read_text())
+    def _stop_for_write(self, exc: BaseException, what: str, where: Path,
+                        done: str = "") -> None:
+        """A write of a run file that failed for an I/O reason (a full disk, a file-size
+        limit) stops the run with a one-line message naming the file and the reason
+        (RunStopped); anything else is left to the caller."""
+        failed = durable.write_error(exc)
+        if failed is None:
+            return
+        _, reason, name = failed
+        last = getattr(self, "last_checkpoint", 0)
+        then = (f"the last complete checkpoint is step {last}; once there is room: opgrpo "
+                f"train --resume {self.run_dir}" if last else "no checkpoint to resume from")
+        raise RunStopped(f"{what} could not be written: {name or where}: {reason}. The run "
+                         f"stopped; {done}{then}") from None
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, where: Path):
+        """Around a write of a run file: see `_stop_for_write`."""
+        try:
+            yield
+        except OSError as exc:
+            self._stop_for_write(exc, what, where)
+            raise
+
+    def resume_point(self) -> dict:
+        """The checkpoint a resume loads ({step, tag, version}): the latest if it verifies
+        against its manifest, else the newest older one that does (`durable.resume_checkpoint`;
+        DamagedCheckpoint, which says what to do, when none does). Checked before any actor
+        starts; each bad file is named in a warning."""
+        state, problems = durable.resume_checkpoint(self.run_dir / "checkpoints")
+        for problem in problems:
+            log.warning("checkpoint check: %s", problem)
+        if state.pop("fallback"):
+            log.warning("resuming from the older checkpoint %s (step %d) instead of the "
+                        "latest; the replay buffer is rolled back to that step too",
+                        state["tag"], state["step"])
+        return state
+
+    def restore(self, state: dict | None = None) -> int:
+        """Load the checkpoint `state` (default: `resume_point()`); returns the first step."""
+        state = state or self.resume_point()
         self.version = self.learners.load_checkpoint(
             str((self.run_dir / "checkpoints").resolve()), state["tag"])
         changes = ray.get(self.buffer.rollback_to.remote(state["step"]))
-        self._truncate_metrics(state["step"])
         self.last_checkpoint = state["step"]
+        self._truncate_metrics(state["step"])
         log.info("resumed at step %d; buffer as at that checkpoint (%d newer entries dropped, "
                  "%d replaced or evicted since restored)", state["step"], changes["dropped"],
                  changes["restored"])
         return state["step"] + 1
 
     def _truncate_metrics(self, last_step: int) -> None:
-        """Drop metric and eval rows of steps after the checkpoint: they are run again."""
+        """Drop metric and eval rows of steps after the checkpoint: they are run again. The
+        file is replaced atomically: a failed write leaves every old row."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.is_file():
                 rows = [r for r in M.read_rows(path) if r["step"] <= last_step]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                with self._writing(f"{name} (rows up to step {last_step})", path):
+                    durable.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # ----- evaluation ----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
@@ -289,9 +356,10 @@ class Trainer:
         labels = [f"{spec.key}={v:.2f}" for v in scores[spec.key][: shown * n]]
         save_grid(torch.from_numpy(floats), [r.text for r in records[:shown]],
                   self.run_dir / "samples" / f"step{step:05d}.png", n, labels)
-        with (self.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **summary, "actors": len(shards),
-                                "seconds": time.perf_counter() - started}) + "\n")
+        path = self.run_dir / "eval.jsonl"
+        with self._writing(f"the evaluation of step {step}", path), path.open("a") as f:
+            durable.append_line(f, json.dumps({"step": step, **summary, "actors": len(shards),
+                                               "seconds": time.perf_counter() - started}))
         log.info("eval at step %d: %s", step, json.dumps(summary))
         self.loggers.log_eval(step, summary, self.run_dir / "samples" / f"step{step:05d}.png")
         return summary
@@ -318,8 +386,8 @@ class Trainer:
                     row = self.step(iteration, step)
                 except RedisUnavailable as exc:  # before training: the step did not happen
                     self._stop_for_redis(exc, step - 1)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                with self._writing(f"the metrics of step {step}", Path(metrics_file.name)):
+                    durable.append_line(metrics_file, json.dumps(row))
                 self.loggers.log_scalars(step, row)
                 if self.redis_down is not None:  # trained, but the buffer's side was lost
                     self._stop_for_redis(self.redis_down, step)
@@ -359,20 +427,32 @@ class Trainer:
     def prepare(self) -> int:
         """Run directory, actors, restored state, first weight sync; returns the first step."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        # A resumed run's config.yaml (its overrides) is written once the checkpoint loaded:
+        # a resume that fails leaves the file it was started from.
+        resume_at = self.resume_point() if self.resume else None
+        if not self.resume:
+            self._write_config()
         self.start_actors()
         self.version, self._buffer_busy_s, self.last_checkpoint = 0, 0.0, 0
         self.redis_down: Exception | None = None
         # Launched rollouts not trained yet, by step: in async mode up to max_staleness
         # batches are drawn ahead of the learner. A resumed run starts with none.
         self.pipeline: dict[int, Rollout] = {}
-        first = self.restore() if self.resume else 1
+        first = 1
+        if self.resume:
+            first = self.restore(resume_at)
+            self._write_config()
         # `time/elapsed`: wall-clock of the training loop (later evaluations included); a
         # resumed run's clock goes on from its last row
         self._elapsed_before, self._started = self._last_elapsed(), time.perf_counter()
         self.loggers = make_loggers(self.config, self.run_dir, start_step=first)
         self._sync_weights()
         return first
+
+    def _write_config(self) -> None:
+        path = self.run_dir / "config.yaml"
+        with self._writing("the run's config", path):
+            durable.atomic_write_text(path, dump_config(self.config))
 
     def _launch_ahead(self, iteration: Iteration, step: int) -> None:
         """Launch every batch up to step + s that is not launched yet. The weights of version
