@@ -24,6 +24,14 @@ class Control:
         self.rollout: int | str | None = None
         self.weights: list = []  # [ObjectRef]: a list, so that Ray passes the ref, not the value
         self.version = -1
+        # (the other actors' requests, one rollout actor's request): set by the driver so that
+        # a size the cluster cannot hold is refused here, at once (None: not checked)
+        self.limits: tuple[list, dict] | None = None
+
+    def set_limits(self, others: list, per_rollout_actor: dict | None) -> None:
+        """The Ray requests of the run's other actors (`opgrpo.preflight.Request`s) and of
+        one rollout actor; None turns the check off (run.check_cluster_resources false)."""
+        self.limits = None if per_rollout_actor is None else (others, per_rollout_actor)
 
     def set_weights(self, weights: list, version: int) -> int:
         self.weights, self.version = weights, version
@@ -35,6 +43,16 @@ class Control:
     def set_rollout(self, value: int | str) -> int | str:
         if value != "auto" and (not isinstance(value, int) or value < 1):
             raise ValueError(f"rollout actors must be >= 1 or 'auto', got {value!r}")
+        if value != "auto" and self.limits is not None:
+            from opgrpo.preflight import InfeasibleResources, cluster_view, unmet_requests
+
+            others, per_actor = self.limits
+            problems = unmet_requests([("rollout", value, per_actor), *others],
+                                      *cluster_view())
+            if problems:
+                raise InfeasibleResources(
+                    f"rollout actors -> {value} refused, the cluster cannot hold them: "
+                    + "; ".join(problems) + ". The run keeps its rollout actors")
         self.rollout = value
         return value
 

@@ -12,6 +12,14 @@ from actors.control import control_name
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
 from opgrpo.config import Config
+from opgrpo.preflight import (
+    Request,
+    WaitTimeout,
+    actor_request,
+    free_resources,
+    get_within,
+    unmet_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +28,20 @@ def fault_options(config: Config) -> dict:
     """Ray restarts a crashed actor (up to run.max_actor_restarts times) and re-runs the tasks
     it had not finished; results come back once, so no sample is counted twice."""
     return {"max_restarts": config.run.max_actor_restarts, "max_task_retries": -1}
+
+
+def resource_requests(config: Config, rollout_actors: int) -> list[Request]:
+    """The Ray requests of a run's actors by config section (the control and buffer actors
+    ask for none): `rollout_actors` rollout actors, the learner ranks, the reward actors."""
+    return [("rollout", rollout_actors, actor_request(config.rollout.num_cpus,
+                                                      config.rollout.num_gpus,
+                                                      config.rollout.resources)),
+            ("learner", config.learner.num_ranks, actor_request(config.learner.num_cpus,
+                                                                config.learner.num_gpus,
+                                                                config.learner.resources)),
+            ("reward", config.reward.num_actors, actor_request(config.reward.num_cpus,
+                                                               config.reward.num_gpus,
+                                                               config.reward.resources))]
 
 
 def is_actor_failure(exc: BaseException) -> bool:
@@ -52,6 +74,31 @@ class RolloutPool:
         self.weights_ref = None
         self.version = -1
         self._next_index = 0
+        self._send_limits()
+
+    def _send_limits(self) -> None:
+        """Let the control actor refuse an `opgrpo scale` size the cluster cannot hold."""
+        if self.control is None:
+            return
+        others = resource_requests(self.config, 0)[1:]
+        per_actor = (resource_requests(self.config, 1)[0][2]
+                     if self.config.run.check_cluster_resources else None)
+        self.control.set_limits.remote(others, per_actor)  # runs before any later call
+
+    def most_that_fit(self) -> int | None:
+        """The most rollout actors the cluster can hold beside the other actors (None: no
+        limit, or run.check_cluster_resources is off)."""
+        if not self.config.run.check_cluster_resources:
+            return None
+        cluster = dict(ray.cluster_resources())
+        fits = []
+        for section, count, request in resource_requests(self.config, 1):
+            if section != "rollout":
+                for name, amount in request.items():
+                    cluster[name] = cluster.get(name, 0.0) - count * amount
+        for name, amount in resource_requests(self.config, 1)[0][2].items():
+            fits.append(math.floor(max(0.0, cluster.get(name, 0.0)) / amount + 1e-9))
+        return min(fits) if fits else None
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -59,7 +106,16 @@ class RolloutPool:
     def target_size(self, requested: int | str) -> int:
         """`auto`: what the free cluster resources allow on top of the current actors."""
         if requested != "auto":
-            return int(requested)
+            size = int(requested)
+            most = self.most_that_fit() if size > len(self.workers) else None
+            if most is not None and size > max(most, len(self.workers), 1):
+                problems = unmet_requests(resource_requests(self.config, size),
+                                          ray.cluster_resources())
+                log.warning("%d rollout actors asked for, but the cluster holds at most %d "
+                            "beside the other actors (%s): using %d", size, most,
+                            "; ".join(problems), max(most, len(self.workers), 1))
+                return max(most, len(self.workers), 1)
+            return size
         free = ray.available_resources()
         per_cpu, per_gpu = self.options["num_cpus"], self.options["num_gpus"]
         fits = []
@@ -81,7 +137,22 @@ class RolloutPool:
         while len(self.workers) < size:
             added.append(self._new_worker())
             self.workers.append(added[-1])
-        self._ready(added)
+        try:
+            self._ready(added)
+        except WaitTimeout as exc:
+            kept = len(self.workers) - len(added)
+            if not kept:  # the run's first actors: nothing to go on with
+                raise
+            log.warning("%s; the pool gives the %d new actor(s) up and goes on with %d",
+                        exc, len(added), kept)
+            for worker in added:
+                ray.kill(worker, no_restart=True)
+            self.workers = self.workers[:kept]
+            if self.control is not None:  # else the next step would ask for them again
+                get_within(self.control.set_rollout.remote(kept), self._step_timeout,
+                           "control actor: reset the requested rollout size",
+                           "train.step_timeout_s")
+            return
         if added:
             log.info("rollout actors: %d", len(self.workers))
 
@@ -99,21 +170,41 @@ class RolloutPool:
         """Give the control actor and every rollout actor that holds another version (both
         restarted, the control actor empty) the current weights."""
         if self.control is not None:
-            self.restore_control(ray.get(self.control.status.remote())[1])
+            self.restore_control(get_within(self.control.status.remote(), self._step_timeout,
+                                            "control actor: status", "train.step_timeout_s"))
         self._ready(self.workers)
+
+    @property
+    def _step_timeout(self) -> float:
+        return self.config.train.step_timeout_s
 
     def _ready(self, workers: list) -> None:
         """Wait until `workers` are up and hold the current weights (a new actor loads them
-        from the control actor in its constructor when it can, else gets them here)."""
+        from the control actor in its constructor when it can, else gets them here), at most
+        train.actor_start_timeout_s: WaitTimeout names the actor and its request."""
         if not workers:
             return
+        index = [next(i for i, x in enumerate(self.workers) if x is w) for w in workers]
+        timeout = self.config.train.actor_start_timeout_s
+
+        def starting(i: int) -> str:
+            return (f"rollout actor {index[i]}: its start (placement by Ray with "
+                    f"{self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU, "
+                    f"resources {self.options.get('resources', {})}, then the model load; "
+                    f"free in the cluster now: {free_resources()})")
+
         if self.weights_ref is not None and self.control is None:
-            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in workers])
+            get_within([w.set_weights.remote(self.weights_ref, self.version) for w in workers],
+                       timeout, starting, "train.actor_start_timeout_s")
             return
-        held = ray.get([w.ready.remote() for w in workers])
-        stale = [w for w, v in zip(workers, held) if v != self.version]
+        held = get_within([w.ready.remote() for w in workers], timeout, starting,
+                          "train.actor_start_timeout_s")
+        stale = [i for i, v in enumerate(held) if v != self.version]
         if stale and self.weights_ref is not None:
-            ray.get([w.set_weights.remote(self.weights_ref, self.version) for w in stale])
+            get_within([workers[i].set_weights.remote(self.weights_ref, self.version)
+                        for i in stale], self._step_timeout,
+                       lambda j: f"rollout actor {index[stale[j]]}: weight push of version "
+                       f"{self.version}", "train.step_timeout_s")
 
     def set_weights(self, weights_ref, version: int, wait: bool = True) -> None:
         """Push `version` to every actor and the control actor. An actor takes it after the
@@ -127,7 +218,10 @@ class RolloutPool:
         if self.control is not None:
             pending.append(self.control.set_weights.remote([weights_ref], version))
         if wait:  # else a failed push shows in the next chunk (StaleWeights, actor death)
-            ray.get(pending)
+            n = len(self.workers)
+            get_within(pending, self._step_timeout,
+                       lambda i: (f"rollout actor {i}" if i < n else "control actor")
+                       + f": weight push of version {version}", "train.step_timeout_s")
 
     def restore_control(self, held_version: int) -> None:
         """A control actor that Ray restarted holds no weights: give it the current ones, so
@@ -136,7 +230,10 @@ class RolloutPool:
                 and held_version != self.version:
             log.warning("the control actor lost its state (restarted); weight version %d "
                         "given to it again", self.version)
-            ray.get(self.control.set_weights.remote([self.weights_ref], self.version))
+            self._send_limits()
+            get_within(self.control.set_weights.remote([self.weights_ref], self.version),
+                       self._step_timeout, f"control actor: weight push of version "
+                       f"{self.version}", "train.step_timeout_s")
 
     def replace_dead(self) -> int:
         """Replace actors that are gone for good (restarts used up, node lost); returns how
@@ -176,6 +273,17 @@ class RewardPool:
             self.options["resources"] = dict(config.reward.resources)
         self.workers = [self.actor_cls.options(**self.options).remote(*self.args)
                         for _ in range(config.reward.num_actors)]
+        self.start_timeout = config.train.actor_start_timeout_s
+
+    def wait_ready(self) -> None:
+        """Wait until every reward actor is placed and has loaded its rewards, at most
+        train.actor_start_timeout_s (WaitTimeout names the actor and its request)."""
+        get_within([w.ready.remote() for w in self.workers], self.start_timeout,
+                   lambda i: f"reward actor {i}: its start (placement by Ray with "
+                   f"{self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU, "
+                   f"resources {self.options.get('resources', {})}, then loading the "
+                   f"rewards; free in the cluster now: {free_resources()})",
+                   "train.actor_start_timeout_s")
 
     def worker(self, i: int):
         return self.workers[i % len(self.workers)]

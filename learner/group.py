@@ -11,6 +11,7 @@ import ray
 
 from learner.worker import LearnerWorker
 from opgrpo.config import Config
+from opgrpo.preflight import free_resources, get_within
 
 
 def split_groups(num_groups: int, num_ranks: int) -> list[list[int]]:
@@ -35,7 +36,12 @@ class LearnerGroup:
         data = config.model_dump(mode="json")
         self.workers = [actor_cls.options(**options).remote(data, rank, k) for rank in range(k)]
         # Placed (their resources held, which `rollout.num_actors: auto` counts on), not set up.
-        ray.get([w.__ray_ready__.remote() for w in self.workers])
+        self.start_timeout = config.train.actor_start_timeout_s
+        get_within([w.__ray_ready__.remote() for w in self.workers], self.start_timeout,
+                   lambda r: f"learner rank {r}: its placement by Ray ({options['num_cpus']:g} "
+                   f"CPU, {options['num_gpus']:g} GPU, resources {options.get('resources', {})}"
+                   f"; free in the cluster now: {free_resources()})",
+                   "train.actor_start_timeout_s")
         # Rank 0's rendezvous address reaches every rank's setup as object refs, so nothing
         # here waits: the ranks build their DeepSpeed engines while the driver starts the
         # rollout and reward actors. `wait_ready` collects the outcome.
@@ -44,7 +50,9 @@ class LearnerGroup:
 
     def wait_ready(self) -> None:
         """Wait for every rank's engine (a rank's setup error is raised here)."""
-        ray.get(self._setup)
+        get_within(self._setup, self.start_timeout,
+                   lambda r: f"learner rank {r}: its setup (model load, DeepSpeed engine)",
+                   "train.actor_start_timeout_s")
 
     def train_async(self, chunks: list, shards: list[list[dict]], iteration: int) -> list:
         """One rank a shard; `chunks` are rollout refs (each rank fetches what it needs)."""

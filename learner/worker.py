@@ -38,12 +38,28 @@ from opgrpo.sampling import SamplingSpec
 from opgrpo.trajectory import Trajectory
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+# Optimizer updates of an iteration skipped because a loss in them was NaN or infinite.
+SKIPPED_UPDATES = "loss/skipped_updates"
 
 
 class BatchLost(RuntimeError):
     """An iteration's trajectories could not be fetched; the driver draws the step again."""
 
 log = logging.getLogger(__name__)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW, whose step does nothing while `skip` is set: the learner sets it for an
+    update in which a loss was NaN or infinite, so that neither the weights nor the optimizer
+    state take garbage gradients. DeepSpeed's ZeRO optimizers call this step on their float32
+    partitions, so the guard holds whatever the stage."""
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
 
 
 def free_port() -> int:
@@ -160,9 +176,12 @@ class LearnerWorker:
             gradient_checkpointing=cfg.model.gradient_checkpointing,
         )
         params = self.policy.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=cfg.learner.learning_rate,
-                                      betas=cfg.learner.adam_betas,
-                                      weight_decay=cfg.learner.weight_decay)
+        optimizer = GuardedAdamW(params, lr=cfg.learner.learning_rate,
+                                 betas=cfg.learner.adam_betas,
+                                 weight_decay=cfg.learner.weight_decay)
+        self.optimizer = optimizer
+        self._bad_loss: torch.Tensor | None = None  # a non-finite loss in this update so far
+        self._skipped = 0
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy.transformer, optimizer=optimizer, config=deepspeed_config(cfg),
         )
@@ -199,6 +218,7 @@ class LearnerWorker:
             raise ValueError(f"rank {self.rank} got {len(rows)} trajectories; expected "
                              f"{n_micro} micro-batches of {mb}")
         collected: list[dict[str, float]] = []
+        self._skipped = 0
         rng = random.Random(f"{self.config.run.seed}/{iteration}/{self.rank}")
         for _ in range(self.config.learner.updates_per_step):
             order = list(range(len(rows)))
@@ -215,6 +235,7 @@ class LearnerWorker:
                         update=size)))
         self.version += 1
         return {**nan_mean(collected), M.POLICY_RESCORED_FRACTION: n_stale / max(1, len(rows)),
+                SKIPPED_UPDATES: float(self._skipped),
                 "time/learner_rescore": rescored_s,
                 "time/learner_compute": time.perf_counter() - began}
 
@@ -268,11 +289,38 @@ class LearnerWorker:
         return resolved
 
     def _backward(self, loss: torch.Tensor) -> None:
+        """Backward of one step's loss, then DeepSpeed's step (a no-op except at the
+        accumulation boundary). An update in which any rank saw a NaN or infinite loss is
+        not applied: its optimizer step is skipped on every rank and counted."""
+        bad = ~torch.isfinite(loss.detach())  # on the device: no sync until the boundary
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss, scale_wrt_gas=False)
+        skip = boundary and self._update_not_finite()
+        self.optimizer.skip = skip
         before = self.engine.global_steps
-        self.engine.step()  # a no-op except at the accumulation boundary
-        if self.ema is not None and self.engine.global_steps != before:
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip = False
+        if boundary:
+            self._bad_loss = None
+        if skip:
+            self._skipped += 1
+            log.warning("rank %d: a loss of this update was NaN or infinite; the update is "
+                        "skipped (weights and optimizer state unchanged)", self.rank)
+        elif self.ema is not None and self.engine.global_steps != before:
             self._ema_after_step()
+
+    def _update_not_finite(self) -> bool:
+        """Whether a loss of the update now ending was NaN or infinite on any rank (the ranks
+        agree, so all of them skip it or none)."""
+        flag = self._bad_loss.reshape(1).to(torch.int64)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ----- EMA of the trainable weights (learner.ema) ------------------------------------
     def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:

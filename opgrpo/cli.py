@@ -245,7 +245,13 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         control = ray.get_actor(control_name(args.run), namespace=NAMESPACE)
     except ValueError:
         raise SystemExit(f"error: no running job with run.name={args.run!r} here") from None
-    ray.get(control.set_rollout.remote(value))
+    try:  # refused at once when the cluster cannot hold that many (opgrpo.preflight)
+        ray.get(control.set_rollout.remote(value), timeout=60)
+    except ray.exceptions.RayTaskError as exc:
+        raise ValueError(str(exc.cause)) from None
+    except ray.exceptions.GetTimeoutError:
+        raise SystemExit(f"error: the control actor of run {args.run!r} did not answer "
+                         "within 60 s") from None
     print(f"run {args.run}: rollout actors -> {value} from the next iteration")
     return 0
 

@@ -29,6 +29,7 @@ from learner.advantages import group_advantages
 from learner.stats import finite_mean
 from opgrpo import metrics as M
 from opgrpo.config import Config
+from opgrpo.preflight import get_within, wait_within
 from opgrpo.prompts import PromptRecord
 from opgrpo.sampling import trajectory_seed
 
@@ -64,6 +65,22 @@ class Rollout:
     prompts: list[PromptRecord]
     meta: list = field(default_factory=list)  # ObjectRef per chunk: `chunk_meta` dict
     chunk_meta: list[dict] = field(default_factory=list)  # the meta values, after `score`
+    step: int = -1
+    actors: list[tuple[int, int]] = field(default_factory=list)  # per chunk: (rollout, reward)
+
+    def drawing(self, c: int) -> str:
+        """Who draws chunk `c` and what, for messages."""
+        where = f"rollout actor {self.actors[c][0]}: " if c < len(self.actors) else ""
+        return f"{where}chunk {c} of step {self.step}"
+
+    def scoring(self, c: int) -> str:
+        where = f"reward actor {self.actors[c][1]}: " if c < len(self.actors) else ""
+        return f"{where}the rewards of chunk {c} of step {self.step}"
+
+    def wait_drawn(self, timeout_s: float) -> None:
+        """Wait until every chunk is drawn (or failed), at most `timeout_s`
+        (train.step_timeout_s); WaitTimeout names the actor and the chunk."""
+        wait_within(self.trajectories, timeout_s, self.drawing, "train.step_timeout_s")
 
     @property
     def busy_seconds(self) -> float:
@@ -118,7 +135,9 @@ class Iteration:
         if n_replay:
             meta_ref, payload_ref = self.buffer.sample.options(num_returns=2).remote(
                 n_replay, step, trajectory_seed(cfg.run.seed, "buffer", step))
-            replay_meta = ray.get(meta_ref)
+            replay_meta = get_within(meta_ref, cfg.train.step_timeout_s,
+                                     f"buffer actor: replay sample of step {step}",
+                                     "train.step_timeout_s")
         replayed = [PromptRecord(m["prompt_key"], m["prompt"]) for m in replay_meta]
         fresh = choose_prompts(dataset, n_prompts - len(replayed), cfg.run.seed, step,
                                {r.key for r in replayed})
@@ -127,7 +146,7 @@ class Iteration:
         for g, record in enumerate(prompts):
             first_fresh = 1 if g < len(replayed) else 0
             rows += [(g, record, j) for j in range(first_fresh, group)]
-        out = Rollout([], [], [], [], prompts)
+        out = Rollout([], [], [], [], prompts, step=step)
         size = cfg.rollout.chunk_size
         for c, start in enumerate(range(0, len(rows), size)):
             part = rows[start : start + size]
@@ -154,14 +173,21 @@ class Iteration:
         out.images.append(images)
         out.meta.append(meta)
         out.rewards.append(self.reward.worker(c).score.remote(images, texts))  # pipelined
+        out.actors.append((c % len(self.rollout.workers), c % len(self.reward.workers)))
 
 
-def score(rollout: Rollout) -> dict[str, float]:
-    """Wait for the rewards; fill them and the weight version that drew each chunk into the
+def score(rollout: Rollout, timeout_s: float | None = None) -> dict[str, float]:
+    """Wait for the rewards (at most `timeout_s`, train.step_timeout_s: WaitTimeout names the
+    actor and the chunk); fill them and the weight version that drew each chunk into the
     samples; return per-reward means (of the finite values: a NaN or infinite reward drops its
     sample, see `group_advantages`)."""
-    results = ray.get(rollout.rewards)
-    rollout.chunk_meta = ray.get(rollout.meta)
+    if timeout_s is None:
+        results, rollout.chunk_meta = ray.get(rollout.rewards), ray.get(rollout.meta)
+    else:
+        results = get_within(rollout.rewards, timeout_s, rollout.scoring,
+                             "train.step_timeout_s")
+        rollout.chunk_meta = get_within(rollout.meta, timeout_s, rollout.drawing,
+                                        "train.step_timeout_s")
     per_name: dict[str, list[float]] = {}
     for sample in rollout.samples:
         sample.rollout_version = int(rollout.chunk_meta[sample.chunk]["version"])

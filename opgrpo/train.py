@@ -29,13 +29,14 @@ from actors.pool import (
     fault_options,
     is_actor_failure,
     is_lost_data,
+    resource_requests,
 )
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker, StaleWeights
 from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
-from learner.worker import LearnerWorker, nan_mean
+from learner.worker import SKIPPED_UPDATES, LearnerWorker, nan_mean
 from opgrpo import durable
 from opgrpo import metrics as M
 from opgrpo.config import Config, dump_config, load_config
@@ -51,11 +52,58 @@ from opgrpo.driver import (
 )
 from opgrpo.errors import RunStopped
 from opgrpo.loggers import check_loggers, make_loggers
-from opgrpo.models import check_model_dir
+from opgrpo.models import check_model_dir, policy_class
+from opgrpo.preflight import check_requests, get_within, wait_within
 from opgrpo.prompts import load_prompts
 
 log = logging.getLogger(__name__)
 ROLLOUT_ATTEMPTS = 3  # an iteration's rollout is redone at most this often after actor loss
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_model(config: Config) -> None:
+    """The model directory against the run's model settings, from its JSON files alone (no
+    weights are read, Ray is not started): a diffusers pipeline (`check_model_dir`) of a
+    supported family (`policy_class`, by model_index.json), an image or a video model as
+    model.num_frames says, and model.height/width multiples of what its VAE and patch size
+    need. Each refusal names the directory, its pipeline class and the setting; the actors
+    would otherwise fail on it only after Ray and every actor started."""
+    path = check_model_dir(config.model.path)
+    family = policy_class(path)  # an unsupported pipeline class: ValueError naming the file
+    name, model = family.pipeline_class, config.model
+    index = _read_json(path / "model_index.json")
+    transformer = _read_json(path / "transformer" / "config.json")
+    has_vae = bool((index.get("vae") or [None])[0])
+    vae = _read_json(path / "vae" / "config.json") if has_vae else {}
+    patch = transformer.get("patch_size", 1)
+    if family.is_video:
+        temporal = int(vae.get("scale_factor_temporal", 4))
+        if (model.num_frames - 1) % temporal:
+            raise ValueError(f"model.num_frames ({model.num_frames}) must be {temporal} k + 1 "
+                             f"for {path} ({name}: its VAE compresses time {temporal}x), "
+                             "e.g. 1, 5, 81")
+        multiple = int(vae.get("scale_factor_spatial", 8)) * int(
+            patch[1] if isinstance(patch, list) else patch)
+    else:
+        if model.num_frames != 1:
+            raise ValueError(f"model.num_frames is {model.num_frames}, but {path} holds a "
+                             f"{name}, an image model: set model.num_frames 1, or point "
+                             "model.path at a video model (WanPipeline)")
+        blocks = vae.get("block_out_channels") or [0]
+        factor = 2 ** (len(blocks) - 1)
+        # FLUX packs 2x2 latent cells into a token; SD3 patches by its config's patch_size
+        multiple = factor * (2 if name == "FluxPipeline" else int(patch))
+    if model.height % multiple or model.width % multiple:
+        raise ValueError(f"model.height x model.width ({model.height}x{model.width}) must be "
+                         f"multiples of {multiple} for {path} ({name}: VAE factor x patch "
+                         "size)")
 
 
 def _absolute(config: Config) -> Config:
@@ -145,10 +193,17 @@ class Trainer:
         check_loggers(config.run.loggers)  # an extra asked for but not installed
         if not config.model.path:
             raise ValueError("model.path is not set: point it at a diffusers model directory")
-        check_model_dir(config.model.path)
+        check_model(config)
         if config.train.prompts_file is None:
             raise ValueError("train.prompts_file is not set: point it at a prompt file")
         self.dataset = load_prompts(config.train.prompts_file)
+        if len(self.dataset) < config.rollout.prompts_per_step:  # else step 1 fails
+            raise ValueError(f"train.prompts_file {config.train.prompts_file} holds "
+                             f"{len(self.dataset)} prompts, fewer than the "
+                             f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) "
+                             "distinct prompts each step draws: add prompts or lower "
+                             "rollout.prompts_per_step")
+        self._nonfinite_steps: list[int] = []  # consecutive steps with a skipped update
         self.eval_prompts = (load_prompts(config.train.eval_prompts_file)
                              if config.train.eval_prompts_file else [])
         from actors.rewards import get_reward
@@ -175,6 +230,9 @@ class Trainer:
         # could live anywhere, but the driver's node is the one the run cannot lose anyway.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        if cfg.run.check_cluster_resources:  # what can never be placed fails now, not later
+            first = cfg.rollout.num_actors if isinstance(cfg.rollout.num_actors, int) else 1
+            check_requests(resource_requests(cfg, first))
         here = ray.get_runtime_context().get_node_id()
         self.control = ray.remote(Control).options(
             name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
@@ -195,9 +253,11 @@ class Trainer:
         self.rewards = RewardPool(cfg, env, self.workers.reward)
         self.rollout.resize(self._requested_rollout())
         self.learners.wait_ready()
+        self.rewards.wait_ready()
 
     def _requested_rollout(self) -> int:
-        asked, held = ray.get(self.control.status.remote())
+        asked, held = get_within(self.control.status.remote(), self.config.train.step_timeout_s,
+                                 "control actor: status", "train.step_timeout_s")
         self.rollout.restore_control(held)
         return self.rollout.target_size(asked if asked is not None
                                         else self.config.rollout.num_actors)
@@ -207,7 +267,10 @@ class Trainer:
         the push is not waited for: each actor takes it after the chunks it already has
         queued (a chunk is drawn with one version), so the learner goes on at once."""
         state_ref, all_refs = self.learners.export_weights_async()
-        ray.get(all_refs[1:])  # other ranks only join the gather; their errors surface here
+        # other ranks only join the gather; their errors surface here
+        get_within(all_refs[1:], self.config.train.step_timeout_s,
+                   lambda i: f"learner rank {i + 1}: weight export of version {self.version}",
+                   "train.step_timeout_s")
         # straight from rank 0's store
         self.rollout.set_weights(state_ref, self.version, wait=self.config.staleness == 0)
         return self.version
@@ -389,6 +452,7 @@ class Trainer:
                 with self._writing(f"the metrics of step {step}", Path(metrics_file.name)):
                     durable.append_line(metrics_file, json.dumps(row))
                 self.loggers.log_scalars(step, row)
+                self._stop_if_not_finite(step, row)
                 if self.redis_down is not None:  # trained, but the buffer's side was lost
                     self._stop_for_redis(self.redis_down, step)
                 info = (f"reward {row[M.REWARD_MEAN]:.3f}  clip {row[M.LOSS_CLIPFRAC]:.3f}  "
@@ -408,6 +472,29 @@ class Trainer:
         summary["run_dir"] = str(self.run_dir)
         summary["steps"] = cfg.train.num_steps
         return summary
+
+    def _stop_if_not_finite(self, step: int, row: dict) -> None:
+        """The learner skips an update whose loss is NaN or infinite (`SKIPPED_UPDATES`);
+        after learner.max_nonfinite_steps consecutive steps with one the run stops (RunStopped)
+        instead of training on what produced them."""
+        if not row.get(SKIPPED_UPDATES, 0) > 0:
+            self._nonfinite_steps = []
+            return
+        self._nonfinite_steps.append(step)
+        limit = self.config.learner.max_nonfinite_steps
+        log.warning("step %d: the learner's loss was NaN or infinite; %g update(s) skipped "
+                    "(%d of learner.max_nonfinite_steps = %d consecutive steps)", step,
+                    row[SKIPPED_UPDATES], len(self._nonfinite_steps), limit)
+        if len(self._nonfinite_steps) >= limit:
+            raise RunStopped(
+                f"the learner's loss was NaN or infinite in {limit} consecutive steps "
+                f"({', '.join(map(str, self._nonfinite_steps))}; learner.max_nonfinite_steps "
+                f"= {limit}): their updates were skipped and the run stopped instead of "
+                "training on. Check the rewards (metrics.jsonl), lower learner.learning_rate, "
+                "or use model.dtype float32; "
+                + (f"the last checkpoint is step {last}" if (
+                    last := getattr(self, "last_checkpoint", 0)) else
+                   "no checkpoint was written yet"))
 
     def _last_elapsed(self) -> float:
         """`time/elapsed` of the last logged step (0 for a new run)."""
@@ -468,8 +555,9 @@ class Trainer:
         if target < len(self.rollout) and self.pipeline:
             # Chunks queued on an actor about to go would be lost: let them finish first
             # (their results stay in the object store after the actor is gone).
-            refs = [ref for r in self.pipeline.values() for ref in r.meta]
-            ray.wait(refs, num_returns=len(refs))
+            for launched in self.pipeline.values():
+                wait_within(launched.meta, self.config.train.step_timeout_s, launched.drawing,
+                            "train.step_timeout_s")
         self.rollout.resize(target)
 
     def step(self, iteration: Iteration, step: int) -> dict:
@@ -488,8 +576,11 @@ class Trainer:
             try:
                 with timed("train", timings):
                     shards = learner_shards(cfg, samples, adv)
-                    stats = nan_mean(ray.get(
-                        self.learners.train_async(rollout.trajectories, shards, step)))
+                    stats = nan_mean(get_within(
+                        self.learners.train_async(rollout.trajectories, shards, step),
+                        cfg.train.step_timeout_s,
+                        lambda r: f"learner rank {r}: the update of step {step}",
+                        "train.step_timeout_s"))
                 break
             except Exception as exc:
                 if not is_lost_data(exc) or attempt == ROLLOUT_ATTEMPTS:
@@ -501,7 +592,8 @@ class Trainer:
         with timed("buffer", timings):  # what admission adds after training (usually ~0)
             try:
                 outcomes = self._admission_outcomes(admitted, step)
-                buffer_stats = ray.get(self.buffer.stats.remote())
+                buffer_stats = get_within(self.buffer.stats.remote(), cfg.train.step_timeout_s,
+                                          "buffer actor: stats", "train.step_timeout_s")
             except RedisUnavailable as exc:  # the step is trained: log it, then stop
                 self.redis_down, outcomes = exc, []
                 buffer_stats = dict.fromkeys(("size", "admissions", "replacements", "evictions",
@@ -535,14 +627,15 @@ class Trainer:
                "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks}
         return row
 
-    @staticmethod
-    def _admission_outcomes(admitted: list, step: int) -> list[str]:
+    def _admission_outcomes(self, admitted: list, step: int) -> list[str]:
         """Outcomes of the step's admissions. A chunk lost with its node after training is
         not admitted (the buffer keeps what it had); anything else is raised."""
         outcomes = []
         for ref in admitted:
             try:
-                outcomes += ray.get(ref)
+                outcomes += get_within(ref, self.config.train.step_timeout_s,
+                                       f"buffer actor: admission of step {step}",
+                                       "train.step_timeout_s")
             except Exception as exc:
                 if not is_lost_data(exc):
                     raise
@@ -565,9 +658,9 @@ class Trainer:
                 with timed("rollout", timings):
                     rollout = launched or iteration.launch(step, self.dataset, self.version)
                     launched = None  # a redraw launches anew
-                    ray.wait(rollout.trajectories, num_returns=len(rollout.trajectories))
+                    rollout.wait_drawn(self.config.train.step_timeout_s)
                 with timed("reward", timings):  # a lost chunk's error surfaces in its reward
-                    reward_means = score(rollout)
+                    reward_means = score(rollout, self.config.train.step_timeout_s)
                 too_old = min(s.rollout_version for s in rollout.samples)
                 if too_old < oldest:  # the schedule rules it out; never train on it
                     raise StaleWeights(f"step {step}: a chunk was drawn by weight version "
