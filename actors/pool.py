@@ -3,6 +3,7 @@ workers. (The control actor that `opgrpo scale` talks to: `actors/control.py`.)"
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -11,7 +12,7 @@ import ray
 from actors.control import control_name
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
-from opgrpo.config import Config
+from opgrpo.config import SECRET_URLS_ENV, Config, without_url_secrets
 from opgrpo.preflight import (
     Request,
     WaitTimeout,
@@ -22,6 +23,25 @@ from opgrpo.preflight import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def runtime_env_with(runtime_env: dict, env_vars: dict[str, str]) -> dict:
+    """`runtime_env` with `env_vars` added to its environment variables (a new dict): how a
+    secret reaches the one actor that needs it, instead of riding in a config object."""
+    if not env_vars:
+        return runtime_env
+    return {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env_vars}}
+
+
+def reward_actor_args(config: Config, runtime_env: dict) -> tuple[tuple, dict]:
+    """A reward actor's constructor arguments and runtime_env: reward.options with every URL
+    stripped of its credentials (user info, password-like query parameters); the original
+    URLs reach the actor in an environment variable (SECRET_URLS_ENV), which RewardWorker
+    reads back."""
+    options, secrets = without_url_secrets(config.reward.options, "reward.options")
+    args = (config.reward.functions, options, config.reward.device, config.reward.num_gpus)
+    return args, runtime_env_with(
+        runtime_env, {SECRET_URLS_ENV: json.dumps(secrets)} if secrets else {})
 
 
 def fault_options(config: Config) -> dict:
@@ -63,7 +83,8 @@ class RolloutPool:
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RolloutWorker,
                  control=None) -> None:
         self.config = config
-        self.data = config.model_dump(mode="json")
+        # Rollout actors need no credential: every URL in their config is stripped of it
+        self.data, _ = without_url_secrets(config.model_dump(mode="json"))
         self.options = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
                         "runtime_env": runtime_env, **fault_options(config)}
         if config.rollout.resources:
@@ -265,8 +286,7 @@ class RolloutPool:
 class RewardPool:
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RewardWorker) -> None:
         self.actor_cls = ray.remote(worker_cls)
-        self.args = (config.reward.functions, config.reward.options, config.reward.device,
-                     config.reward.num_gpus)
+        self.args, runtime_env = reward_actor_args(config, runtime_env)
         self.options = {"num_cpus": config.reward.num_cpus, "num_gpus": config.reward.num_gpus,
                         "runtime_env": runtime_env, **fault_options(config)}
         if config.reward.resources:

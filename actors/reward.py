@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.rewards import get_reward, score_frames
+from opgrpo.config import with_url_secrets
 
 TOTAL = "total"
 
@@ -39,7 +40,9 @@ class RewardWorker:
             import torch
 
             device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        options = options or {}
+        # URLs with credentials come back from this actor's environment (actors/pool.py
+        # reward_actor_args): the options it was constructed with carry none
+        options = with_url_secrets(options or {}, "reward.options")
         self.device = device
         self.specs = {name: get_reward(name).load(options.get(name), device)
                       for name in functions}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ray
 
 from learner.worker import LearnerWorker
-from opgrpo.config import Config
+from opgrpo.config import Config, without_url_secrets
 from opgrpo.preflight import free_resources, get_within
 
 
@@ -33,7 +33,8 @@ class LearnerGroup:
                    "runtime_env": runtime_env or {}}
         if config.learner.resources:
             options["resources"] = dict(config.learner.resources)
-        data = config.model_dump(mode="json")
+        # Learner ranks need no credential: every URL in their config is stripped of it
+        data, _ = without_url_secrets(config.model_dump(mode="json"))
         self.workers = [actor_cls.options(**options).remote(data, rank, k) for rank in range(k)]
         # Placed (their resources held, which `rollout.num_actors: auto` counts on), not set up.
         self.start_timeout = config.train.actor_start_timeout_s

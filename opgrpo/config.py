@@ -8,9 +8,10 @@ the field (`learner.clip_range`) and the reason, before any long work starts.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -625,13 +626,111 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+# Query parameters whose value is a credential: a word of the name (split at `_`, `-`, `.`
+# and camelCase) is one of these, or the name ends with one of the second set (`accesstoken`).
+# A parameter merely containing such a word (`ssl_keyfile`: a path) is kept.
+SECRET_QUERY_WORDS = frozenset({"password", "passwd", "pass", "pwd", "token", "secret", "key",
+                                "apikey", "auth", "sig", "signature", "credential",
+                                "credentials"})
+SECRET_QUERY_ENDINGS = ("password", "passwd", "token", "secret", "apikey")
+# Schemes whose user name is an account name, kept, not a credential.
+_NAMED_USER_SCHEMES = ("redis", "rediss", "unix")
+# The environment variable through which an actor receives the URLs that
+# `without_url_secrets` took credentials out of (JSON: {dotted path: original URL}).
+SECRET_URLS_ENV = "OPGRPO_SECRET_URLS"
+
+
+def secret_query_name(name: str) -> bool:
+    """Whether a URL query parameter called `name` carries a credential."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    words = set(re.split(r"[^a-z0-9]+", spaced))
+    return bool(words & SECRET_QUERY_WORDS) or name.lower().endswith(SECRET_QUERY_ENDINGS)
+
+
 def redact_url(url: str, mask: str | None = "***") -> str:
-    """`url` with its password replaced by `mask` (for logs and errors), or removed (None)."""
+    """`url` as logs, errors and the run's config.yaml may show it: credentials replaced by
+    `mask`, or removed (None). Credentials are the password of the user info, the value of
+    every password-like query parameter (`password`, `pass`, `token`, `secret`, `key`,
+    `api_key`, `X-Amz-Signature`, ... in any case; see `secret_query_name`), a fragment, and
+    the whole user info (`https://TOKEN@host`, `http://user:password@host`), except the user
+    name of a Redis URL: the ACL user that the password (REDIS_PASSWORD) belongs to."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if parts.scheme.lower() not in _NAMED_USER_SCHEMES:
+            userinfo = mask or ""
+        elif colon:
+            userinfo = user if mask is None else f"{user}:{mask}"
+        netloc = f"{userinfo}@{host}" if userinfo else host
+    fields = []
+    for field in parts.query.split("&") if parts.query else []:
+        name, _, _ = field.partition("=")
+        if not secret_query_name(unquote_plus(name)):
+            fields.append(field)
+        elif mask is not None:
+            fields.append(f"{name}={mask}")
+    query = "&".join(fields)
+    fragment = parts.fragment and (mask or "")
+    if (netloc, query, fragment) == (parts.netloc, parts.query, parts.fragment):
         return url
-    user = parts.username or ""
-    if mask is not None:
-        user += f":{mask}"
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))
+
+
+def url_password(url: str) -> str | None:
+    """The password a Redis URL carries, decoded: its user info's, else a `password` query
+    parameter's (redis-py reads both, the user info's first); None without one."""
+    parts = urlsplit(url)
+    if parts.password:
+        return unquote(parts.password)
+    return next((value for name, value in parse_qsl(parts.query) if name == "password" and value),
+                None)
+
+
+def without_url_secrets(value: Any, path: str = "") -> tuple[Any, dict[str, str]]:
+    """`value` (a config tree of dicts, lists and strings) with every URL in it as
+    `redact_url(url, mask=None)` gives it, and {dotted path: original URL} of the URLs that
+    changed. Actor arguments are built this way, so that no config object an actor receives
+    carries a password; an actor that needs a URL's credentials gets the originals through
+    its runtime_env (SECRET_URLS_ENV) and `with_url_secrets`."""
+    found: dict[str, str] = {}
+
+    def walk(item: Any, where: str) -> Any:
+        if isinstance(item, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [walk(v, f"{where}.{i}") for i, v in enumerate(item)]
+        if isinstance(item, str) and "://" in item:
+            clean = redact_url(item, mask=None)
+            if clean != item:
+                found[where] = item
+            return clean
+        return item
+
+    return walk(value, path), found
+
+
+def with_url_secrets(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
+    """Inside an actor: `value` with the URLs that `without_url_secrets` cleaned put back from
+    the environment (SECRET_URLS_ENV). A URL is restored only where the value at its path is
+    still the cleaned form of the original; without the variable `value` is returned as is."""
+    import json
+    import os
+
+    raw = (os.environ if env is None else env).get(SECRET_URLS_ENV)
+    if not raw:
+        return value
+    originals: dict[str, str] = json.loads(raw)
+
+    def walk(item: Any, where: str) -> Any:
+        if isinstance(item, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [walk(v, f"{where}.{i}") for i, v in enumerate(item)]
+        original = originals.get(where)
+        if original is not None and item == redact_url(original, mask=None):
+            return original
+        return item
+
+    return walk(value, path)

@@ -30,6 +30,7 @@ from actors.pool import (
     is_actor_failure,
     is_lost_data,
     resource_requests,
+    runtime_env_with,
 )
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker, StaleWeights
@@ -39,7 +40,7 @@ from learner.stats import batch_statistics
 from learner.worker import SKIPPED_UPDATES, LearnerWorker, nan_mean
 from opgrpo import durable
 from opgrpo import metrics as M
-from opgrpo.config import Config, dump_config, load_config
+from opgrpo.config import Config, dump_config, load_config, redact_url, url_password
 from opgrpo.driver import (
     Iteration,
     Rollout,
@@ -137,6 +138,20 @@ def runtime_env(config: Config) -> dict:
     if config.learner.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
     return {"env_vars": env}
+
+
+def buffer_actor_args(config: Config, run_dir: Path, runtime_env: dict) -> tuple[tuple, dict]:
+    """The buffer actor's constructor arguments and runtime_env. Its Redis URL goes without
+    the password, which reaches this actor alone as REDIS_PASSWORD (buffer_service.actor uses
+    it when the URL has none): no config object that Ray ships carries it."""
+    data = config.buffer.model_dump()
+    password = None
+    if data["redis_url"]:
+        password = url_password(data["redis_url"])
+        data["redis_url"] = redact_url(data["redis_url"], mask=None)
+    args = (data, str(Path(run_dir).resolve()), f"opgrpo:{config.run.name}",
+            config.sampling.latent_storage_dtype)
+    return args, runtime_env_with(runtime_env, {"REDIS_PASSWORD": password} if password else {})
 
 
 def prune_checkpoints(directory: Path, keep: int | None, latest_tag: str) -> list[str]:
@@ -242,11 +257,11 @@ class Trainer:
             **fault_options(cfg),
         ).remote()
         # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
+        buffer_args, buffer_env = buffer_actor_args(cfg, self.run_dir, env)
         self.buffer = ray.remote(BufferService).options(
-            num_cpus=0, runtime_env=env, **fault_options(cfg),
+            num_cpus=0, runtime_env=buffer_env, **fault_options(cfg),
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
-            cfg.buffer.model_dump(), str(self.run_dir.resolve()), f"opgrpo:{cfg.run.name}",
-            cfg.sampling.latent_storage_dtype)
+            *buffer_args)
         # The learner ranks set up (DeepSpeed) while the rollout and reward actors load.
         self.learners = LearnerGroup(cfg, env, self.workers.learner)
         self.rollout = RolloutPool(cfg, env, self.workers.rollout, control=self.control)

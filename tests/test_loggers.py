@@ -199,7 +199,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     logged = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert logged["run"]["loggers"] == ["jsonl", "wandb"]
     assert logged["buffer"]["redis_url"] == "redis://cache:6379/0"
-    assert logged["reward"]["options"]["geneval"]["url"] == "http://u@h:80"
+    assert logged["reward"]["options"]["geneval"]["url"] == "http://h:80"  # no user info
     assert "hunter" not in run_file.read_bytes().decode("latin-1")
 
     history = [_items(r.history.item) for r, k in zip(records, kinds) if k == "history"]

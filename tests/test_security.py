@@ -1,15 +1,31 @@
-"""Network exposure of what a run starts: a local Ray's dashboard, the embedded Redis."""
+"""Security: what a run exposes and what it hands out. A local Ray's dashboard; Ray's token
+authentication on a `ray start` cluster (job API and GCS); credentials kept out of logs and out
+of the config objects that actors receive; the GenEval scoring server's limits, over real
+sockets on 127.0.0.1."""
 
+import base64
+import contextlib
+import json
+import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import numpy as np
 import psutil
 import pytest
 import ray
 
-from opgrpo.config import build_config
+from opgrpo.config import (
+    SECRET_URLS_ENV,
+    build_config,
+    dump_config,
+    redact_url,
+    url_password,
+    with_url_secrets,
+    without_url_secrets,
+)
 from opgrpo.train import ray_init_options
-
-pytestmark = pytest.mark.slow
 
 
 def _listening(port: int) -> set[str]:
@@ -17,6 +33,7 @@ def _listening(port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
+@pytest.mark.slow
 def test_local_ray_has_no_dashboard_unless_asked_and_then_on_loopback():
     options = ray_init_options(build_config({}), None)
     assert options["include_dashboard"] is False and options["address"] == "local"
@@ -30,3 +47,183 @@ def test_local_ray_has_no_dashboard_unless_asked_and_then_on_loopback():
         assert _listening(host_port.port) == {"127.0.0.1"}  # not 0.0.0.0, not another address
     finally:
         ray.shutdown()
+
+
+# ----- credentials in URLs ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "masked", "removed"), [
+    ("redis://:s3cret@10.0.0.5:6380/2", "redis://:***@10.0.0.5:6380/2",
+     "redis://10.0.0.5:6380/2"),
+    ("redis://opgrpo:s3cret@host/0", "redis://opgrpo:***@host/0", "redis://opgrpo@host/0"),
+    ("redis://opgrpo@host/0", "redis://opgrpo@host/0", "redis://opgrpo@host/0"),  # ACL user
+    ("redis://host:6379/0?password=s3cret&db=2", "redis://host:6379/0?password=***&db=2",
+     "redis://host:6379/0?db=2"),
+    ("rediss://host/0?ssl_keyfile=/k.pem&PASS=s3cret", "rediss://host/0?ssl_keyfile=/k.pem&PASS=***",
+     "rediss://host/0?ssl_keyfile=/k.pem"),  # a path named *keyfile is not a key
+    ("https://s3cret@scorer/score", "https://***@scorer/score", "https://scorer/score"),
+    ("http://alice:s3cret@[::1]:8080/s?api_key=s3cret&n=1#s3cret",
+     "http://***@[::1]:8080/s?api_key=***&n=1#***", "http://[::1]:8080/s?n=1"),
+    ("http://h/s?Token=s3cret&X-Amz-Signature=s3cret&accessToken=s3cret&Secret=s3cret&keep=1",
+     "http://h/s?Token=***&X-Amz-Signature=***&accessToken=***&Secret=***&keep=1",
+     "http://h/s?keep=1"),
+    ("http://scorer:8000/score?batch=4", "http://scorer:8000/score?batch=4",
+     "http://scorer:8000/score?batch=4"),
+])
+def test_redact_url_removes_passwords_user_info_and_secret_query_parameters(
+        url, masked, removed):
+    assert redact_url(url) == masked
+    assert redact_url(url, mask=None) == removed
+    assert "s3cret" not in masked + removed
+    assert redact_url(removed, mask=None) == removed  # nothing left to take
+
+
+def test_the_run_config_and_the_redis_password_in_a_query():
+    config = build_config({"buffer": {"redis_url": "redis://h:6379/0?password=s3cret"}})
+    assert "s3cret" not in dump_config(config) and "redis://h:6379/0" in dump_config(config)
+    assert url_password("redis://h:6379/0?password=s3cret") == "s3cret"
+    assert url_password("redis://:p%40ss@h/0?password=other") == "p@ss"  # user info first
+    assert url_password("redis://opgrpo@h/0") is None
+
+
+class _FakeActorClass:
+    """Stands in for `ray.remote(cls)`: records what each `.options(...).remote(...)` would
+    hand to Ray (options and constructor arguments) instead of starting an actor."""
+
+    created: list = []
+
+    def __init__(self, cls):
+        self.cls, self._options = cls, {}
+
+    def options(self, **options):
+        self._options = options
+        return self
+
+    def remote(self, *args):
+        _FakeActorClass.created.append((self.cls.__name__, self._options, args))
+        return _FakeHandle()
+
+
+class _FakeHandle:
+    def __getattr__(self, name):
+        return self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *_):
+        return None, None
+
+
+class _BasicAuthScorer(BaseHTTPRequestHandler):
+    """An `http` reward server that wants alice's password and a token in the query."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - the name http.server calls
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        wanted = "Basic " + base64.b64encode(f"alice:{self.server.password}".encode()).decode()
+        ok = (self.headers.get("Authorization") == wanted
+              and self.path == f"/score?token={self.server.password}")
+        reply = json.dumps({"scores": [0.5] * len(body["prompts"])} if ok else {}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+
+@contextlib.contextmanager
+def _stopping(server):
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_actor_arguments_carry_no_credentials_which_arrive_by_environment(
+        tmp_path, monkeypatch):
+    """The real constructors of the rollout pool, the learner group and the reward pool, and
+    the trainer's buffer arguments, with `ray.remote` recorded instead of run: no password in
+    any pickled argument; the buffer actor's REDIS_PASSWORD and the reward actor's URLs reach
+    them through their own runtime_env. Then the buffer (against a real redis-server with a
+    password) and the reward (against an HTTP server that checks basic auth and a query token)
+    connect with exactly those arguments and that environment, and fail without it."""
+    import learner.group
+    from actors.pool import RewardPool, RolloutPool
+    from actors.reward import RewardWorker
+    from buffer_service.actor import BufferService
+    from buffer_service.local_server import LocalRedis
+    from learner.group import LearnerGroup
+    from opgrpo.train import buffer_actor_args, runtime_env
+
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv(SECRET_URLS_ENV, raising=False)
+    scorer = ThreadingHTTPServer(("127.0.0.1", 0), _BasicAuthScorer)
+    threading.Thread(target=scorer.serve_forever, daemon=True).start()
+    with LocalRedis(tmp_path / "redis") as redis_server, _stopping(scorer):
+        password = scorer.password = redis_server.password
+        reward_url = (f"http://alice:{password}@127.0.0.1:{scorer.server_port}/score"
+                      f"?token={password}")
+        config = build_config({
+            "buffer": {"redis_url": redis_server.url},
+            "reward": {"functions": {"http": 1.0},
+                       "options": {"http": {"url": reward_url, "retries": 0}}}})
+        env = runtime_env(config)
+
+        monkeypatch.setattr(ray, "remote", _FakeActorClass)
+        monkeypatch.setattr(learner.group, "get_within", lambda *a, **k: None)
+        _FakeActorClass.created = []
+        RolloutPool(config, env)._new_worker()
+        LearnerGroup(config, env)
+        RewardPool(config, env)
+        buffer_args, buffer_env = buffer_actor_args(config, tmp_path, env)
+        monkeypatch.undo()  # ray.remote back; the environment as the test started
+        monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+        monkeypatch.delenv(SECRET_URLS_ENV, raising=False)
+
+        created = {name: (options, args) for name, options, args in _FakeActorClass.created}
+        assert set(created) == {"RolloutWorker", "LearnerWorker", "RewardWorker"}
+        created["BufferService"] = ({"runtime_env": buffer_env}, buffer_args)
+        for name, (options, args) in created.items():
+            assert password.encode() not in pickle.dumps(args), name
+            secrets = options["runtime_env"].get("env_vars", {})
+            if name == "BufferService":
+                assert secrets["REDIS_PASSWORD"] == password
+            elif name == "RewardWorker":
+                assert json.loads(secrets[SECRET_URLS_ENV]) == {"reward.options.http.url":
+                                                                reward_url}
+            else:
+                assert password not in json.dumps(options), name
+        assert buffer_args[0]["redis_url"] == redis_server.url_without_password
+        assert env == runtime_env(config)  # the shared runtime_env gained no secret
+
+        # the buffer actor as Ray would construct it: its arguments, its environment
+        with pytest.raises(ConnectionError, match="needs a password"):
+            BufferService(*buffer_args)
+        for key, value in buffer_env["env_vars"].items():
+            monkeypatch.setenv(key, value)
+        service = BufferService(*buffer_args)
+        assert service.stats()["size"] == 0 and password not in service.where
+
+        # the reward actor likewise: without its environment the server refuses it
+        reward_args = created["RewardWorker"][1]
+        images = np.zeros((2, 8, 8, 3), np.uint8)
+        with pytest.raises(Exception, match="401"):
+            RewardWorker(*reward_args).score(images, ["a", "b"])
+        monkeypatch.setenv(SECRET_URLS_ENV,
+                           created["RewardWorker"][0]["runtime_env"]["env_vars"][SECRET_URLS_ENV])
+        scores = RewardWorker(*reward_args).score(images, ["a", "b"])
+        np.testing.assert_allclose(scores["http"], [0.5, 0.5])
+
+
+def test_url_secrets_come_back_only_where_they_were_taken():
+    tree = {"http": {"url": "http://u:pw@h/s", "other": "http://h/s"},
+            "list": ["x", "https://tok@h/y"]}
+    clean, secrets = without_url_secrets(tree, "reward.options")
+    assert "pw" not in json.dumps(clean) and "tok" not in json.dumps(clean)
+    env = {SECRET_URLS_ENV: json.dumps(secrets)}
+    assert with_url_secrets(clean, "reward.options", env) == tree
+    assert with_url_secrets(clean, "reward.options", {}) == clean  # no variable, no change
+    moved = {**clean, "http": {**clean["http"], "url": "http://elsewhere/s"}}
+    assert with_url_secrets(moved, "reward.options", env)["http"]["url"] == "http://elsewhere/s"
