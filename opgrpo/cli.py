@@ -117,7 +117,8 @@ def _reward_options(args: argparse.Namespace) -> dict | None:
 def _cmd_geneval_server(args: argparse.Namespace) -> int:
     from tasks.geneval.server import serve
 
-    serve(args.host, args.port, args.scorer, args.detector, args.clip, args.device)
+    serve(args.host, args.port, args.scorer, args.detector, args.clip, args.device,
+          timeout_s=args.timeout, max_body_mb=args.max_body_mb, max_threads=args.max_threads)
     return 0
 
 
@@ -397,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("geneval-server",
                        help="serve the GenEval scoring contract over HTTP (JSON)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on: 127.0.0.1 (default) serves this machine only, "
+                   "0.0.0.0 every network it is on")
     p.add_argument("--port", type=int, default=18085)
     p.add_argument("--scorer", default="shapes", choices=["shapes", "geneval"],
                    help="shapes: the shipped shapes task; geneval: GenEval's rules over a "
@@ -405,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default=None, help="Mask2Former directory (geneval)")
     p.add_argument("--clip", default=None, help="CLIP directory for colours (geneval)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a client may send nothing before it is dropped (30)")
+    p.add_argument("--max-body-mb", type=float, default=256.0,
+                   help="largest request body in MiB; a larger Content-Length gets 413 (256)")
+    p.add_argument("--max-threads", type=int, default=8,
+                   help="requests served at once; a connection beyond them gets 503 (8)")
     p.set_defaults(func=_cmd_geneval_server)
 
     p = sub.add_parser("convert-aesthetic-head",

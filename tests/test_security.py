@@ -5,9 +5,16 @@ sockets on 127.0.0.1."""
 
 import base64
 import contextlib
+import io
 import json
 import pickle
+import socket
+import struct
 import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -15,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import ray
+from PIL import Image
 
 from opgrpo.config import (
     SECRET_URLS_ENV,
@@ -227,3 +235,155 @@ def test_url_secrets_come_back_only_where_they_were_taken():
     assert with_url_secrets(clean, "reward.options", {}) == clean  # no variable, no change
     moved = {**clean, "http": {**clean["http"], "url": "http://elsewhere/s"}}
     assert with_url_secrets(moved, "reward.options", env)["http"]["url"] == "http://elsewhere/s"
+
+
+# ----- the GenEval scoring server -----------------------------------------------------------
+
+def _png(width: int, height: int) -> bytes:
+    """A black 1-bit PNG built row by row, so that a 20000 x 20000 one (400 M pixels, 1.2 GB
+    as RGB) takes a few hundred KB here and on disk: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    row, packer = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+def _zeros(images, metadata):
+    return {"strict": np.zeros(len(images)), "partial": np.zeros(len(images))}
+
+
+@contextlib.contextmanager
+def _geneval(**limits):
+    from tasks.geneval.server import make_server
+
+    server = make_server("127.0.0.1", 0, _zeros, **limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with _stopping(server):
+        yield server
+
+
+def _post(server, payload: dict) -> tuple[int, dict]:
+    body = json.dumps(payload).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/score", body,
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _raw(server, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=20)
+    sock.sendall(data)
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    return received
+
+
+def _small_png() -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_geneval_server_defaults_to_loopback():
+    from opgrpo.cli import build_parser
+    from tasks.geneval.server import DEFAULT_HOST, make_server, serve
+
+    args = build_parser().parse_args(["geneval-server"])
+    assert (args.host, args.timeout, args.max_body_mb, args.max_threads) == (
+        "127.0.0.1", 30.0, 256.0, 8)
+    assert DEFAULT_HOST == "127.0.0.1"
+    assert serve.__defaults__[0] == make_server.__defaults__[0] == "127.0.0.1"
+    server = make_server(port=0, scorer=_zeros)
+    try:
+        assert _listening(server.server_port) == {"127.0.0.1"}
+    finally:
+        server.server_close()
+
+
+def _served(server) -> None:
+    """A real request is served (200); 503 while a closing connection still holds a thread."""
+    deadline = time.monotonic() + 10
+    while (status := _post(server, {"images": [_small_png()], "metadata": [{}]})[0]) != 200:
+        assert status == 503 and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_geneval_server_drops_a_silent_client_and_frees_its_thread():
+    with _geneval(timeout_s=1.0, max_threads=1) as server:
+        started = time.monotonic()
+        silent = _raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                              b"Content-Type: application/json\r\n\r\n{")
+        assert _answer(silent) == b""  # closed, no reply: nothing to answer
+        waited = time.monotonic() - started
+        assert 0.8 < waited < 10, waited
+        _served(server)  # the only thread is free again
+        # a client that never finishes its headers is dropped the same way
+        started = time.monotonic()
+        assert _answer(_raw(server, b"POST /score HTTP/1.1\r\nHost:")) == b""
+        assert 0.8 < time.monotonic() - started < 10
+        _served(server)
+
+
+def test_geneval_server_refuses_oversized_and_unsized_bodies_at_once():
+    with _geneval(max_body_mb=1) as server:  # the default 30 s timeout: no waiting for it
+        started = time.monotonic()
+        big = _raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
+                           b"\r\n")
+        answer = _answer(big)
+        assert answer.startswith(b"HTTP/1.0 413 ") and b"1073741824 bytes" in answer
+        unsized = _answer(_raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert unsized.startswith(b"HTTP/1.0 411 ")
+        chunked = _answer(_raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\n"
+                                       b"Transfer-Encoding: chunked\r\n\r\n"))
+        assert chunked.startswith(b"HTTP/1.0 411 ")
+        assert time.monotonic() - started < 10
+        # under the limit: served
+        status, _ = _post(server, {"images": [_small_png()], "metadata": [{}]})
+        assert status == 200
+
+
+def test_geneval_server_caps_its_threads():
+    with _geneval(max_threads=2) as server:
+        holders = [_raw(server, b"POST /score HTTP/1.1\r\n") for _ in range(2)]
+        time.sleep(0.5)  # both accepted, each holding a thread in its header read
+        started = time.monotonic()
+        answer = _answer(_raw(server, b"POST /score HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: 2\r\n\r\n{}"))
+        assert answer.startswith(b"HTTP/1.0 503 ") and b"--max-threads" in answer
+        assert time.monotonic() - started < 5
+        for sock in holders:
+            sock.close()  # their threads see the end of input and finish
+        _served(server)
+
+
+@pytest.mark.parametrize("size", [(8192, 8192), (20000, 20000)])
+def test_geneval_server_refuses_a_decompression_bomb(size):
+    """8192 x 8192 (67 M pixels) is below PIL's own bomb limit (89 M), so only the server's
+    check refuses it; 20000 x 20000 is above both."""
+    bomb = _png(*size)
+    assert len(bomb) < 400_000
+    assert Image.open(io.BytesIO(_png(64, 64))).convert("RGB").size == (64, 64)  # a real PNG
+    with _geneval() as server:
+        started = time.monotonic()
+        status, reply = _post(server, {"images": [base64.b64encode(bomb).decode()],
+                                       "metadata": [{}]})
+        assert status == 400 and "decompression bomb" in reply["error"].lower()
+        if size == (8192, 8192):  # PIL lets it through: the server's own check refuses it
+            assert "8192x8192 pixels, more than the 16777216 allowed" in reply["error"]
+        assert time.monotonic() - started < 5  # refused from the header, nothing decoded
+        status, reply = _post(server, {"images": [_small_png()] * 2, "metadata": [{}]})
+        assert status == 400 and "metadata" in reply["error"]
