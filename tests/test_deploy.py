@@ -31,7 +31,8 @@ def _compose_dir(tmp_path: Path, env_file: bool = True) -> Path:
     if env_file:
         example = (REPO / "deploy" / "cluster.env.example").read_text()
         (tmp_path / "deploy" / "cluster.env").write_text(
-            example.replace("change-me-to-a-long-random-string", "s3cret-pw"))
+            example.replace("change-me-to-a-long-random-string", "s3cret-pw")
+            .replace("\nRAY_AUTH_TOKEN=\n", "\nRAY_AUTH_TOKEN=t0ken-t0ken\n"))
     return tmp_path
 
 
@@ -67,6 +68,10 @@ def test_compose_config_resolves(tmp_path):
     resources = json.loads(next(a for a in argv if a.startswith("--resources="))
                            .split("=", 1)[1])
     assert resources == {"rollout_slot": 2}
+    for node in (head, worker, services["ray-worker-gpu"]):
+        # Ray's token authentication: on for every node, the token from the env file
+        assert node["environment"]["RAY_AUTH_MODE"] == "token"
+        assert node["environment"]["RAY_AUTH_TOKEN"] == "t0ken-t0ken"
     for node in (head, worker):
         assert node["environment"]["REDIS_URL"] == "redis://redis:6379/0"
         assert node["environment"]["REDIS_PASSWORD"] == "s3cret-pw"
@@ -86,6 +91,17 @@ def test_compose_dashboard_bind_and_gpu_profile(tmp_path):
     assert device["driver"] == "nvidia" and str(device["count"]) == "2"
     argv = shlex.split(gpu["command"])
     assert "--num-gpus=2" in argv and '--resources={"rollout_slot": 2}' in argv
+
+
+def test_env_file_example_leaves_the_secrets_to_the_user():
+    """The example holds no usable token (an empty one stops a node from starting, see
+    tests/test_security.py) and says how to make both secrets and what clients need."""
+    example = (REPO / "deploy" / "cluster.env.example").read_text()
+    values = dict(line.split("=", 1) for line in example.splitlines()
+                  if line and not line.startswith("#"))
+    assert values == {"REDIS_PASSWORD": "change-me-to-a-long-random-string",
+                      "RAY_AUTH_TOKEN": ""}
+    assert "openssl rand -hex 32" in example and "export RAY_AUTH_MODE=token" in example
 
 
 def test_compose_without_env_file_names_it(tmp_path):
@@ -113,6 +129,40 @@ def test_dockerfile_inputs_exist_and_ray_matches():
     stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, re.M))
     assert {"base-cpu", "base-cuda"} <= stages
     assert re.search(r"^FROM base-\$\{VARIANT\}", text, re.M)
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
+    out, current = [], ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            keyword, _, rest = current.strip().partition(" ")
+            out.append((keyword.upper(), rest))
+            current = ""
+    return out
+
+
+def test_dockerfile_runs_as_a_user_without_sudo():
+    steps = _instructions(_dockerfile())
+    users = [i for i, (keyword, _) in enumerate(steps) if keyword == "USER"]
+    assert users, "the image must name its user"
+    last = users[-1]
+    assert steps[last][1] not in ("root", "0", "0:0"), "the image must not run as root"
+    after = " ".join(rest for _, rest in steps[last:])
+    assert "sudo" not in after, "nothing after the last USER may use sudo"
+    # the last root step takes the base image's passwordless sudo away and checks it
+    assert users[-2:-1] and steps[users[-2]][1] == "root"
+    root_step = " ".join(rest for keyword, rest in steps[users[-2]:last] if keyword == "RUN")
+    for removal in ("sed -i '/NOPASSWD/d' /etc/sudoers", "rm -rf /etc/sudoers.d/*",
+                    "gpasswd -d ray sudo", "chmod u-s", "! sudo -n true"):
+        assert removal in root_step, removal
+    # and no step of the image runs a command through sudo (it is root where it must be)
+    for keyword, rest in steps:
+        if keyword == "RUN":
+            assert not re.search(r"(^|[;&|(]\s*)sudo\s", rest), f"RUN {rest[:60]} uses sudo"
 
 
 def test_dockerfile_dependency_step_runs_on_this_pyproject(tmp_path):
@@ -165,9 +215,31 @@ def test_rayjob_placement_matches_entrypoint():
     pods = [cluster["headGroupSpec"]] + list(groups.values())
     for pod in pods:
         container = pod["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["REDIS_URL"].startswith("redis://")
         assert container["envFrom"] == [{"secretRef": {"name": "opgrpo-redis"}}]
+
+
+def test_rayjob_turns_token_authentication_on_everywhere():
+    """The job API listens on 0.0.0.0 in the head pod: Ray's token authentication must be on
+    for the operator (authOptions, KubeRay 1.6+), the head, both worker groups and the pod
+    that runs `ray job submit`, with the token of one Secret."""
+    spec = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayjob.yaml").read_text())["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "opgrpo-ray-auth"}
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    templates = ([cluster["headGroupSpec"]["template"], spec["submitterPodTemplate"]]
+                 + [g["template"] for g in cluster["workerGroupSpecs"]])
+    assert len(templates) == 4
+    token = {"secretKeyRef": {"name": "opgrpo-ray-auth", "key": "auth_token"}}
+    for template in templates:
+        container = template["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN", "valueFrom": token}
+    submitter = spec["submitterPodTemplate"]["spec"]
+    assert submitter["restartPolicy"] == "Never"
+    assert "command" not in submitter["containers"][0]  # KubeRay supplies `ray job submit`
 
 
 def test_docker_build_context_leaves_out_secrets_and_the_venv():

@@ -7,9 +7,13 @@ import base64
 import contextlib
 import io
 import json
+import os
 import pickle
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -55,6 +59,140 @@ def test_local_ray_has_no_dashboard_unless_asked_and_then_on_loopback():
         assert _listening(host_port.port) == {"127.0.0.1"}  # not 0.0.0.0, not another address
     finally:
         ray.shutdown()
+
+
+# ----- Ray token authentication -------------------------------------------------------------
+
+TOKEN = "0123456789abcdef" * 4  # what `openssl rand -hex 32` gives: 64 hex digits
+
+
+@contextlib.contextmanager
+def _token_head(home):
+    """`ray start --head` on 127.0.0.1 with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, as the
+    compose file and the RayJob start their nodes. The session's RAY_AUTH_MODE=disabled
+    (conftest.py) and the machine's ~/.ray/auth_token never reach it: every process of this
+    test gets its environment spelled out, and HOME is a scratch directory. Up means its node
+    is ALIVE in the state API (asked with the token); a head whose raylet died starting (it
+    waits a fixed time for its agents, which a loaded machine can miss) is started again."""
+    from raynodes import BIN, free_port, start_node, stop_node
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.update(PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(home))
+    with_token = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    for attempt in range(2):
+        gcs, dashboard = free_port(), free_port()
+        temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
+        head = start_node(with_token, temp_dir, "--head", f"--port={gcs}", "--num-cpus=1",
+                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
+        url = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 180
+        while b'"ALIVE"' not in _get(f"{url}/api/v0/nodes", TOKEN)[1]:
+            if head.poll() is not None or time.time() > deadline:
+                break
+            time.sleep(1)
+        else:
+            break
+        stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert attempt == 0, "the Ray head did not come up twice"
+    try:
+        yield {"base": base, "with_token": with_token, "gcs": f"127.0.0.1:{gcs}",
+               "dashboard": url}
+    finally:
+        stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _empty_token_refused(home) -> None:
+    """A node of an unfilled deploy/cluster.env (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN empty)
+    refuses to start: no cluster without a token."""
+    from raynodes import BIN, free_port, stop_node
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(home), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN="")
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
+    node = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = node.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop_node(node)
+        raise AssertionError("ray start with an empty token started a cluster") from None
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert node.returncode != 0 and "no authentication token was found" in stderr, stderr[-2000:]
+    assert not (home / ".ray" / "auth_token").exists()  # none was made up either
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError:
+        return 0, b""
+
+
+def _run(argv: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The job: a detached control actor for run `sec`, which `opgrpo scale` then talks to.
+JOB = ("import ray; from actors.control import NAMESPACE, Control, control_name; "
+       "ray.init(namespace=NAMESPACE); "
+       "c = ray.remote(Control).options(name=control_name('sec'), lifetime='detached', "
+       "num_cpus=0).remote(); print('control status', ray.get(c.status.remote()))")
+
+
+@pytest.mark.slow
+def test_token_auth_refuses_jobs_and_clients_without_the_token(tmp_path):
+    from raynodes import BIN
+
+    ray_cli, opgrpo_cli = str(BIN / "ray"), str(BIN / "opgrpo")
+    _empty_token_refused(tmp_path)
+    with _token_head(tmp_path) as cluster:
+        api = f"{cluster['dashboard']}/api/jobs/"
+        no_token = {**cluster["base"], "RAY_AUTH_MODE": "disabled"}
+        wrong = {**cluster["base"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}
+        # the job API: without a token 401, a wrong one 403, neither runs anything
+        assert _get(api)[0] == 401
+        assert _get(api, "f" * 64)[0] == 403
+        refused = _run([ray_cli, "job", "submit", "--address", cluster["dashboard"],
+                        "--submission-id", "sec-refused", "--", "python", "-c", JOB], no_token)
+        assert refused.returncode != 0 and "Unauthorized" in refused.stderr, (
+            refused.stderr[-2000:])
+        refused = _run([ray_cli, "job", "list", "--address", cluster["dashboard"]], wrong)
+        assert refused.returncode != 0 and "Forbidden" in refused.stderr, refused.stderr[-2000:]
+        # with the token: submitted, run to the end, listed
+        done = _run([ray_cli, "job", "submit", "--address", cluster["dashboard"],
+                     "--submission-id", "sec-1", "--", "python", "-c", JOB],
+                    cluster["with_token"], timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "control status (None, -1)" in done.stdout
+        status, body = _get(api, TOKEN)
+        jobs = {job["submission_id"]: job["status"] for job in json.loads(body)
+                if job.get("submission_id")}
+        assert status == 200 and jobs == {"sec-1": "SUCCEEDED"}  # the refused one never ran
+
+        # a client joining through the GCS (`opgrpo scale`): works with the token ...
+        scale = _run([opgrpo_cli, "scale", "--rollout", "2", "--run", "sec", "--address",
+                      cluster["gcs"]], cluster["with_token"])
+        assert scale.returncode == 0, scale.stderr[-2000:]
+        assert "run sec: rollout actors -> 2" in scale.stdout
+        # ... and is refused without it (RAY_gcs_server_port_wait_time_s: give up after 3
+        # tries instead of Ray's 20)
+        refused = _run([opgrpo_cli, "scale", "--rollout", "3", "--run", "sec", "--address",
+                        cluster["gcs"]], {**no_token, "RAY_gcs_server_port_wait_time_s": "3"})
+        assert refused.returncode != 0
+        assert "InvalidAuthToken" in refused.stderr or "Unauthenticated" in refused.stderr, (
+            refused.stderr[-2000:])
 
 
 # ----- credentials in URLs ------------------------------------------------------------------
