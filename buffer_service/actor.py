@@ -82,6 +82,39 @@ class RedisUnavailable(ConnectionError):
     """Redis did not answer for longer than `buffer.redis_timeout_s`."""
 
 
+REFUSALS = {
+    "OOM": "Redis is at its maxmemory and evicts nothing (noeviction): raise maxmemory or "
+           "free memory on the server",
+    "MISCONF": "Redis cannot write its RDB snapshot (stop-writes-on-bgsave-error): fix the "
+               "disk or permissions of its data directory (see the server's log)",
+    "READONLY": "this Redis is a read-only replica: point buffer.redis_url at the primary",
+}
+
+
+class RedisRefused(RedisUnavailable):
+    """Redis answered but refused a write (OOM, MISCONF, READONLY): the run cannot go on
+    until the server is fixed. `code` is the refusal's prefix."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):  # through Ray with its code
+        return (type(self), (str(self), self.code))
+
+
+def refusal_code(exc: BaseException) -> str | None:
+    """"OOM", "MISCONF" or "READONLY" when `exc` is such a Redis refusal, else None."""
+    if isinstance(exc, redis.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, redis.ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, redis.ResponseError):
+        words = [getattr(exc, "status_code", None), *str(exc).split()[:1]]
+        return next((w for w in words if w in REFUSALS), None)
+    return None
+
+
 class BufferService:
     """Admission, decay, eviction and sampling of the run's replay buffer.
 
@@ -130,6 +163,13 @@ class BufferService:
                 time.sleep(min(delay, max(0.0, self.timeout_s - waited)))
                 delay = min(delay * 2, 2.0)
                 continue
+            except redis.ResponseError as exc:
+                code = refusal_code(exc)
+                if code is None:
+                    raise
+                raise RedisRefused(
+                    f"Redis ({self.where}) refused to {what}: {code} {exc}. "
+                    f"{REFUSALS[code]}", code) from None
             if failed:
                 self.outages += 1
                 log.warning("Redis (%s) is back after %.1f s; the buffer continues", self.where,
@@ -198,15 +238,85 @@ class BufferService:
                              lambda: {"size": len(self.store), **self.store.stats()})
         return {**counts, "busy_s": self.busy_s, "outages": self.outages}
 
-    def checkpoint(self, step: int) -> bool:
+    def checkpoint(self, step: int) -> dict:
         """Part of a checkpoint at `step`: snapshot the counters and make the data durable
-        (the embedded server fsyncs its append-only file now, not within the second)."""
-        self._redis("snapshot the buffer", lambda: self.store.commit(step))
+        (`make_durable`). Returns the buffer's fingerprint (`RedisBufferStore.fingerprint`),
+        which the checkpoint stores, with `durable` saying how the data was made durable."""
+        fingerprint = self._redis("snapshot the buffer", lambda: self.store.commit(step))
+        how = self._redis("make the buffer durable", lambda: self.make_durable(step))
+        return {**fingerprint, "durable": how}
+
+    def fingerprint(self) -> dict:
+        """The buffer's fingerprint now (a resume compares it with its checkpoint's)."""
+        return self._redis("fingerprint the buffer", self.store.fingerprint)
+
+    def make_durable(self, step: int) -> str:
+        """On disk now, not within the second of `appendfsync everysec`; returns how.
+
+        With the append-only file on: `WAITAOF 1 0` (Redis >= 7.2: the server fsynced
+        everything written so far); older servers: `appendfsync always` around one write (the
+        reply comes after the fsync of the whole file). Without it: a BGSAVE waited for. A
+        server that allows none of these (CONFIG renamed away, a save refused) is logged as a
+        warning and left to its own fsync policy ("none")."""
+        timeout_s = max(self.timeout_s, 1.0)
+        marker = f"{self.store.ns}:checkpoint"
         if self._embedded is not None:
             self.client.config_set("appendfsync", "always")  # the next write fsyncs all
-            self.client.set(f"{self.store.ns}:checkpoint", step)
+            self.client.set(marker, step)
             self.client.config_set("appendfsync", "everysec")
-        return True
+            return "appendfsync always"
+        server = self.client.info("server")
+        persistence = self.client.info("persistence")
+        version = tuple(int(p) for p in str(server["redis_version"]).split(".")[:2])
+        if int(persistence.get("aof_enabled", 0)):
+            self.client.set(marker, step)
+            if version >= (7, 2):
+                local, _ = self.client.execute_command("WAITAOF", 1, 0, int(timeout_s * 1000))
+                if int(local) >= 1:
+                    return "waitaof"
+                log.warning("Redis (%s): WAITAOF did not confirm the fsync within %.0f s; the "
+                            "checkpoint of step %d relies on the server's appendfsync policy",
+                            self.where, timeout_s, step)
+                return "none"
+            try:
+                policy = self.client.config_get("appendfsync").get("appendfsync", "everysec")
+                self.client.config_set("appendfsync", "always")
+                try:
+                    self.client.set(marker, step)
+                finally:
+                    self.client.config_set("appendfsync", policy)
+                return "appendfsync always"
+            except redis.ResponseError as exc:
+                if refusal_code(exc) is not None:
+                    raise
+                log.warning("Redis (%s) %s allows no CONFIG SET (%s): falling back to BGSAVE",
+                            self.where, server["redis_version"], exc)
+        return self._bgsave(step, timeout_s)
+
+    def _bgsave(self, step: int, timeout_s: float) -> str:
+        """A BGSAVE started and waited for (at most `timeout_s`); "bgsave", else "none"."""
+        before = int(self.client.info("persistence")["rdb_last_save_time"])
+        try:
+            self.client.bgsave()
+        except redis.ResponseError as exc:
+            if refusal_code(exc) is not None:
+                raise
+            log.warning("Redis (%s) refused BGSAVE (%s): the checkpoint of step %d relies on "
+                        "the server's own persistence", self.where, exc, step)
+            return "none"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.client.info("persistence")
+            if not int(info["rdb_bgsave_in_progress"]):
+                if info["rdb_last_bgsave_status"] == "ok" and \
+                        int(info["rdb_last_save_time"]) >= before:
+                    return "bgsave"
+                break
+            time.sleep(0.05)
+        log.warning("Redis (%s): the BGSAVE for the checkpoint of step %d did not complete "
+                    "within %.0f s; it relies on the server's own persistence", self.where,
+                    step, timeout_s)
+        return "none"
 
     def checkpoint_done(self, step: int) -> int:
         """The checkpoint at `step` is written: drop what only an older one could need."""

@@ -262,9 +262,34 @@ class RedisBufferStore:
         return sorted(later)
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def commit(self, step: int) -> None:
+    def fingerprint(self) -> dict:
+        """{"entries": n, "sha256": ...} of the live entries: sha256 over the sorted (prompt
+        key, insert step, admitted step, reward repr, payload digest: the checksum stored at
+        admission, the payload's own hash for an entry without one). Equal fingerprints mean
+        the same entries with the same payloads; a resume compares the rolled-back buffer's
+        with the one its checkpoint stored (a flushed or older Redis differs). Reads no
+        payload of an entry with its checksum, so a checkpoint costs one round trip."""
+        keys = self.keys()
+        digest = hashlib.sha256()
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(self._entry_key(key), "insert_step", "admitted", "reward", "sum")
+            rows = pipe.execute() if keys else []
+        for key, (inserted, admitted, reward, checksum) in zip(keys, rows):
+            admitted = admitted if admitted is not None else inserted
+            if checksum is None:
+                payload = self.client.hget(self._entry_key(key), "payload")
+                checksum = payload_digest(payload).encode() if payload is not None else None
+            fields = [key, *(b.decode() if b is not None else "-"
+                             for b in (inserted, admitted, reward, checksum))]
+            digest.update(json.dumps(fields).encode() + b"\n")
+        digest.update(f"entries={len(keys)}".encode())
+        return {"entries": len(keys), "sha256": digest.hexdigest()}
+
+    def commit(self, step: int) -> dict:
         """A checkpoint at `step` is being written: remember the counters and the fresh rates
-        as they are now (read together, written together)."""
+        as they are now (read together, written together). Returns the buffer's
+        `fingerprint()`, which the checkpoint stores."""
         with self.client.pipeline(transaction=True) as tx:
             tx.hgetall(self._stats)
             tx.hgetall(self._rates)
@@ -274,6 +299,7 @@ class RedisBufferStore:
             tx.hset(self._stats_at, str(step), json.dumps(self._parse_stats(raw_stats)))
             tx.hset(self._rates_at, str(step), json.dumps(rates, sort_keys=True))
             tx.execute()
+        return self.fingerprint()
 
     def purge_removed(self, step: int) -> int:
         """The checkpoint at `step` is safely written: entries removed at or before it, and

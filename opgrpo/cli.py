@@ -225,7 +225,8 @@ def _cmd_shapes_prompts(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from opgrpo.train import train
 
-    summary = train(args.config, args.set, args.resume, args.address)
+    summary = train(args.config, args.set, args.resume, args.address,
+                    accept_buffer=args.accept_buffer)
     before, after = summary.get("eval_before"), summary.get("eval_last")
     print(f"run directory: {summary['run_dir']}")
     for label, result in (("before training", before), (f"after step {summary['steps']}", after)):
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=SET_HELP)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or local)")
+    p.add_argument("--accept-buffer", action="store_true",
+                   help="with --resume: go on when the replay buffer in Redis does not match "
+                   "the checkpoint's (flushed or lost); what is missing is logged and lost")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("scale", help="change the rollout actors of a running job")

@@ -34,7 +34,7 @@ from actors.pool import (
 )
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker, StaleWeights
-from buffer_service.actor import BufferService, RedisUnavailable, connect_redis
+from buffer_service.actor import BufferService, RedisRefused, RedisUnavailable, connect_redis
 from learner.group import LearnerGroup
 from learner.stats import batch_statistics
 from learner.worker import SKIPPED_UPDATES, LearnerWorker, nan_mean
@@ -51,13 +51,14 @@ from opgrpo.driver import (
     score,
     timed,
 )
-from opgrpo.errors import RunStopped
+from opgrpo.errors import BufferMismatch, RunStopped
 from opgrpo.loggers import check_loggers, make_loggers
 from opgrpo.models import check_model_dir, policy_class
 from opgrpo.preflight import check_requests, get_within, wait_within
 from opgrpo.prompts import load_prompts
 
 log = logging.getLogger(__name__)
+BUFFER_FINGERPRINT = "buffer.json"  # in a checkpoint: the buffer's fingerprint at its step
 ROLLOUT_ATTEMPTS = 3  # an iteration's rollout is redone at most this often after actor loss
 
 
@@ -200,10 +201,39 @@ def per_tag_means(values: np.ndarray, tags: list[str | None]) -> dict[str, float
     return {tag: float(np.mean(v)) for tag, v in groups.items()}
 
 
+def check_fingerprint(tag_dir: Path, have: dict, exact_resume: bool, accept_buffer: bool,
+                      where: str, run_dir: Path) -> None:
+    """Compare the buffer's fingerprint `have` with the one checkpoint `tag_dir` stored (see
+    `Trainer.check_buffer`): BufferMismatch, or with `accept_buffer` a warning saying what
+    was lost."""
+    want = json.loads((tag_dir / BUFFER_FINGERPRINT).read_text())
+    if have["sha256"] == want["sha256"]:
+        log.info("replay buffer matches checkpoint %s (%d entries)", tag_dir.name,
+                 have["entries"])
+        return
+    if not exact_resume and (have["entries"] > 0 or want["entries"] == 0):
+        log.warning("replay buffer differs from checkpoint %s (%d entries now, %d then; "
+                    "buffer.exact_resume is off, so a rollback is approximate)", tag_dir.name,
+                    have["entries"], want["entries"])
+        return
+    lost = (f"the checkpoint's buffer held {want['entries']} entries, Redis ({where}) now "
+            f"holds {have['entries']} and they do not match")
+    if accept_buffer:
+        log.warning("--accept-buffer: %s; training goes on with the buffer as it is (what "
+                    "is missing is lost)", lost)
+        return
+    raise BufferMismatch(
+        f"the replay buffer does not match checkpoint {tag_dir.name}: {lost} (flushed, "
+        "restarted without its data, or another Redis). Restore Redis from its append-only "
+        "file or a backup and resume again, or resume with the buffer as it is: opgrpo train "
+        f"--resume {run_dir} --accept-buffer")
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False,
-                 workers: WorkerClasses | None = None) -> None:
+                 workers: WorkerClasses | None = None, accept_buffer: bool = False) -> None:
         self.config, self.run_dir, self.resume = config, run_dir, resume
+        self.accept_buffer = accept_buffer  # resume with a buffer unlike the checkpoint's
         self.workers = workers or WorkerClasses()
         check_loggers(config.run.loggers)  # an extra asked for but not installed
         if not config.model.path:
@@ -313,12 +343,20 @@ class Trainer:
             self._stop_for_write(exc, f"the checkpoint of step {step}", directory / tag,
                                  "its incomplete files were removed; ")
             raise
+        fingerprint = None
         if with_buffer:
-            ray.get(self.buffer.checkpoint.remote(step))
+            fingerprint = ray.get(self.buffer.checkpoint.remote(step))
+            try:  # beside the manifest, not in it: a resume compares the buffer with it
+                durable.atomic_write_json(directory / tag / BUFFER_FINGERPRINT, fingerprint)
+            except OSError as exc:
+                shutil.rmtree(directory / tag, ignore_errors=True)
+                self._stop_for_write(exc, f"the checkpoint of step {step}", directory / tag,
+                                     "its incomplete files were removed; ")
+                raise
         try:
             durable.atomic_write_json(directory / durable.LATEST, {
                 "step": step, "tag": tag, "version": self.version,
-                "manifest": durable.MANIFEST})
+                "manifest": durable.MANIFEST, "buffer": fingerprint})
         except OSError as exc:
             try:  # is the new latest.json in place (only its directory's fsync failed)?
                 named = json.loads((directory / durable.LATEST).read_text())["tag"]
@@ -381,12 +419,34 @@ class Trainer:
         self.version = self.learners.load_checkpoint(
             str((self.run_dir / "checkpoints").resolve()), state["tag"])
         changes = ray.get(self.buffer.rollback_to.remote(state["step"]))
+        self.check_buffer(state)
         self.last_checkpoint = state["step"]
         self._truncate_metrics(state["step"])
         log.info("resumed at step %d; buffer as at that checkpoint (%d newer entries dropped, "
                  "%d replaced or evicted since restored)", state["step"], changes["dropped"],
                  changes["restored"])
         return state["step"] + 1
+
+    def check_buffer(self, state: dict) -> None:
+        """The rolled-back buffer must be the one the checkpoint `state` stored (its
+        `buffer.json` fingerprint): a flushed, emptied or older Redis refuses the resume
+        (BufferMismatch, saying what to do) unless `accept_buffer` (`--accept-buffer`), which
+        goes on with the buffer as it is and logs what was lost. A checkpoint without a
+        fingerprint (written while Redis was down, or by an older version) is not checked.
+        With buffer.exact_resume off a rollback is not exact, so only an emptied buffer
+        counts as a mismatch."""
+        tag_dir = self.run_dir / "checkpoints" / state["tag"]
+        if not (tag_dir / BUFFER_FINGERPRINT).is_file():
+            log.warning("checkpoint %s has no buffer fingerprint (%s): the replay buffer is "
+                        "resumed unchecked", state["tag"], BUFFER_FINGERPRINT)
+            return
+        check_fingerprint(tag_dir, ray.get(self.buffer.fingerprint.remote()),
+                          self.config.buffer.exact_resume, self.accept_buffer,
+                          self._redis_where(), self.run_dir)
+
+    def _redis_where(self) -> str:
+        url = self.config.buffer.redis_url or os.environ.get("REDIS_URL")
+        return redact_url(url) if url else f"embedded, {self.run_dir / 'redis'}"
 
     def _truncate_metrics(self, last_step: int) -> None:
         """Drop metric and eval rows of steps after the checkpoint: they are run again. The
@@ -523,8 +583,11 @@ class Trainer:
         if last_done > self.last_checkpoint:
             self.checkpoint(last_done, with_buffer=False)
         where = f"step {last_done}" if last_done else "no step finished; nothing to resume"
-        raise RunStopped(f"{exc}. The run stopped; checkpoint: {where}. When Redis is back: "
-                         f"opgrpo train --resume {self.run_dir}") from None
+        cause = getattr(exc, "cause", None) or exc  # the actor's own error, not Ray's wrapper
+        when = ("Once it accepts writes again" if isinstance(cause, RedisRefused)
+                else "When Redis is back")
+        raise RunStopped(f"{str(cause).rstrip('.')}. The run stopped; checkpoint: {where}. "
+                         f"{when}: opgrpo train --resume {self.run_dir}") from None
 
     def prepare(self) -> int:
         """Run directory, actors, restored state, first weight sync; returns the first step."""
@@ -716,7 +779,7 @@ class Trainer:
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None,
-          address: str | None) -> dict:
+          address: str | None, accept_buffer: bool = False) -> dict:
     """Entry point of `opgrpo train`; works the same under `ray job submit`."""
     if resume:
         run_dir = Path(resume)
@@ -737,7 +800,8 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
             raise FileExistsError(f"{run_dir} holds a run that stopped before its first "
                                   "checkpoint; choose another run.name (or delete that "
                                   "directory)")
-    trainer = Trainer(config, run_dir, resume=bool(resume))  # validates files before Ray
+    trainer = Trainer(config, run_dir, resume=bool(resume),  # validates files before Ray
+                      accept_buffer=accept_buffer)
     address = address or config.run.ray_address or os.environ.get("RAY_ADDRESS")
     # No address anywhere: a fresh local Ray for this run ("local"), never a stale cluster
     # that an earlier `ray start` on this machine left in /tmp/ray/ray_current_cluster.
