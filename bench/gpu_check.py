@@ -308,9 +308,7 @@ def part_learner_setup(state: dict) -> dict:
     with the policy built by this script)."""
     import torch
 
-    from learner.objective import LossSettings
     from learner.worker import LearnerWorker, deepspeed_config, free_port
-    from opgrpo.sampling import SamplingSpec
 
     args, device, cfg = state["args"], state["device"], need(state, "config")
     make = need(state, "make_policy")
@@ -334,16 +332,9 @@ def part_learner_setup(state: dict) -> dict:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    worker.build(policy)  # optimizer, DeepSpeed engine, EMA: as every learner rank
     params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learner.learning_rate,
-                                  betas=cfg.learner.adam_betas,
-                                  weight_decay=cfg.learner.weight_decay)
     ds_config = deepspeed_config(cfg)
-    worker.engine, _, _, _ = deepspeed.initialize(model=policy.transformer, optimizer=optimizer,
-                                                  config=ds_config)
-    worker.policy = policy
-    worker.spec = SamplingSpec.from_config(cfg)
-    worker.settings = LossSettings.from_config(cfg)
     sync(device)
     state["learner"] = worker
     from deepspeed.accelerator import get_accelerator

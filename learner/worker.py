@@ -170,11 +170,20 @@ class LearnerWorker:
         cfg = self.config
         torch.manual_seed(cfg.run.seed)
         torch.set_num_threads(torch_threads(cfg, cfg.learner.num_cpus))
-        self.policy = FlowPolicy.from_config(
+        return self.build(FlowPolicy.from_config(
             cfg, device="cuda" if use_gpu else "cpu",
             keep_reference=cfg.learner.kl_beta > 0 and cfg.model.lora_rank == 0,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
-        )
+        ))
+
+    def build(self, policy: FlowPolicy) -> int:
+        """This rank's optimizer, DeepSpeed engine and EMA over `policy` (the process group
+        is up); `bench/gpu_check.py` calls it on a policy it built itself. Returns the number
+        of trainable parameters."""
+        import deepspeed
+
+        cfg = self.config
+        self.policy = policy
         params = self.policy.trainable_parameters()
         optimizer = GuardedAdamW(params, lr=cfg.learner.learning_rate,
                                  betas=cfg.learner.adam_betas,
