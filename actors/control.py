@@ -9,8 +9,10 @@ from __future__ import annotations
 NAMESPACE = "opgrpo"
 
 
-def control_name(run_name: str) -> str:
-    return f"control:{run_name}"
+def control_name(run_name: str, run_id: str | None = None) -> str:
+    """The control actor's Ray name: `control:<run name>:<run id>` (two runs with the same
+    run.name on one cluster get their own); a run started before run ids, without one."""
+    return f"control:{run_name}" if run_id is None else f"control:{run_name}:{run_id}"
 
 
 class Control:

@@ -81,8 +81,10 @@ class RolloutPool:
     """N rollout actors; every actor holds the current weights before it receives work."""
 
     def __init__(self, config: Config, runtime_env: dict, worker_cls: type = RolloutWorker,
-                 control=None) -> None:
+                 control=None, control_actor: str | None = None) -> None:
         self.config = config
+        # the control actor's name (`control_name`), which rollout actors look it up by
+        self.control_actor = control_actor or control_name(config.run.name)
         # Rollout actors need no credential: every URL in their config is stripped of it
         self.data, _ = without_url_secrets(config.model_dump(mode="json"))
         self.options = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
@@ -183,7 +185,7 @@ class RolloutPool:
         # (ray-project/ray#53727). A name is plain data in the actor's creation task.
         worker = self.actor_cls.options(**self.options).remote(
             self.data, self._next_index,
-            None if self.control is None else control_name(self.config.run.name))
+            None if self.control is None else self.control_actor)
         self._next_index += 1
         return worker
 

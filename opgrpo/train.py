@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,16 +142,40 @@ def runtime_env(config: Config) -> dict:
     return {"env_vars": env}
 
 
-def buffer_actor_args(config: Config, run_dir: Path, runtime_env: dict) -> tuple[tuple, dict]:
-    """The buffer actor's constructor arguments and runtime_env. Its Redis URL goes without
-    the password, which reaches this actor alone as REDIS_PASSWORD (buffer_service.actor uses
-    it when the URL has none): no config object that Ray ships carries it."""
+RUN_ID = "run_id"  # in the run directory: the run's id, made at its first start
+
+
+def run_id(run_dir: Path, create: bool) -> str | None:
+    """The run's id (12 hex digits) from `run_dir/run_id`; made and written atomically when
+    absent and `create` (a new run), else None (a run started before run ids)."""
+    path = Path(run_dir) / RUN_ID
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        return None
+    value = uuid.uuid4().hex[:12]
+    durable.atomic_write_text(path, value + "\n")
+    return value
+
+
+def buffer_namespace(run_name: str, run_id: str | None) -> str:
+    """The run's Redis key prefix: `opgrpo:<run name>:<run id>`, so that two runs with the
+    same run.name on one Redis never share a buffer (`opgrpo:<run name>` without an id)."""
+    return f"opgrpo:{run_name}" if run_id is None else f"opgrpo:{run_name}:{run_id}"
+
+
+def buffer_actor_args(config: Config, run_dir: Path, runtime_env: dict,
+                      run_id: str | None = None) -> tuple[tuple, dict]:
+    """The buffer actor's constructor arguments and runtime_env (its namespace:
+    `buffer_namespace`). Its Redis URL goes without the password, which reaches this actor
+    alone as REDIS_PASSWORD (buffer_service.actor uses it when the URL has none): no config
+    object that Ray ships carries it."""
     data = config.buffer.model_dump()
     password = None
     if data["redis_url"]:
         password = url_password(data["redis_url"])
         data["redis_url"] = redact_url(data["redis_url"], mask=None)
-    args = (data, str(Path(run_dir).resolve()), f"opgrpo:{config.run.name}",
+    args = (data, str(Path(run_dir).resolve()), buffer_namespace(config.run.name, run_id),
             config.sampling.latent_storage_dtype)
     return args, runtime_env_with(runtime_env, {"REDIS_PASSWORD": password} if password else {})
 
@@ -279,22 +304,28 @@ class Trainer:
             first = cfg.rollout.num_actors if isinstance(cfg.rollout.num_actors, int) else 1
             check_requests(resource_requests(cfg, first))
         here = ray.get_runtime_context().get_node_id()
+        self.run_id = run_id(self.run_dir, create=not self.resume)
+        if self.run_id is None:
+            log.info("%s has no %s (started before run ids): its buffer namespace and control "
+                     "actor go by run.name alone", self.run_dir, RUN_ID)
+        self.control_actor = control_name(cfg.run.name, self.run_id)
         self.control = ray.remote(Control).options(
-            name=control_name(cfg.run.name), namespace=NAMESPACE, get_if_exists=True,
+            name=self.control_actor, namespace=NAMESPACE, get_if_exists=True,
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             # A restarted control actor starts empty: the driver puts the weights back at the
             # next sync, and a pending `opgrpo scale` request is lost (the config's size holds).
             **fault_options(cfg),
         ).remote()
         # Ray restarts a killed buffer actor; it reconnects to Redis, where the buffer lives.
-        buffer_args, buffer_env = buffer_actor_args(cfg, self.run_dir, env)
+        buffer_args, buffer_env = buffer_actor_args(cfg, self.run_dir, env, self.run_id)
         self.buffer = ray.remote(BufferService).options(
             num_cpus=0, runtime_env=buffer_env, **fault_options(cfg),
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             *buffer_args)
         # The learner ranks set up (DeepSpeed) while the rollout and reward actors load.
         self.learners = LearnerGroup(cfg, env, self.workers.learner)
-        self.rollout = RolloutPool(cfg, env, self.workers.rollout, control=self.control)
+        self.rollout = RolloutPool(cfg, env, self.workers.rollout, control=self.control,
+                                   control_actor=self.control_actor)
         self.rewards = RewardPool(cfg, env, self.workers.reward)
         self.rollout.resize(self._requested_rollout())
         self.learners.wait_ready()

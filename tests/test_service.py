@@ -160,6 +160,11 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 3
+    # the buffer's fingerprint at each checkpoint; the run's id, in its buffer's namespace
+    fingerprint = json.loads((run_dir / "checkpoints" / "step2" / "buffer.json").read_text())
+    assert fingerprint["entries"] > 0 and latest["buffer"]["entries"] > 0
+    first_id = (run_dir / "run_id").read_text().strip()
+    assert trainer.run_id == first_id and len(first_id) == 12
     # resume from the step-2 checkpoint: pretend step 3 never finished
     (run_dir / "checkpoints" / "latest.json").write_text(
         json.dumps({"step": 2, "tag": "step2", "version": 2}))
@@ -173,6 +178,7 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
         size = ray.get(resumed.buffer.stats.remote())["size"]
     finally:
         resumed.shutdown()
+    assert resumed.run_id == first_id  # same namespace: the buffer rolled back and matched
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
