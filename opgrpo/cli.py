@@ -226,7 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from opgrpo.train import train
 
     summary = train(args.config, args.set, args.resume, args.address,
-                    accept_buffer=args.accept_buffer)
+                    resume_if_exists=args.resume_if_exists, accept_buffer=args.accept_buffer)
     before, after = summary.get("eval_before"), summary.get("eval_last")
     print(f"run directory: {summary['run_dir']}")
     for label, result in (("before training", before), (f"after step {summary['steps']}", after)):
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help=SET_HELP)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="with --config: resume the run if its directory holds a checkpoint, "
+                   "else start it (a job that may be submitted again)")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--accept-buffer", action="store_true",
                    help="with --resume: go on when the replay buffer in Redis does not match "

@@ -323,6 +323,12 @@ class LearnerConfig(_Section):
         3, ge=1, description="A learner update whose loss is NaN or infinite is skipped (no "
         "optimizer step; counted in loss/skipped_updates); after this many consecutive "
         "steps with a skipped update the run stops with an error instead of training on.")
+    max_group_restarts: int = Field(
+        2, ge=0, description="A learner rank that dies (its process killed, its node lost) or "
+        "raises in an update or a weight export: the driver rebuilds the learner group, "
+        "restores the last checkpoint (weights, optimizer, replay buffer; metrics rows after "
+        "it dropped) and trains on from the step after it, at most this often per run; one "
+        "more failure stops the run with the --resume command.")
 
     @model_validator(mode="after")
     def _check_ema(self) -> LearnerConfig:

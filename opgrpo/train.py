@@ -61,6 +61,11 @@ from opgrpo.prompts import load_prompts
 log = logging.getLogger(__name__)
 BUFFER_FINGERPRINT = "buffer.json"  # in a checkpoint: the buffer's fingerprint at its step
 ROLLOUT_ATTEMPTS = 3  # an iteration's rollout is redone at most this often after actor loss
+GROUP_RESTARTS = "learner/group_restarts"  # learner groups rebuilt so far in this process
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died or raised in an update or a weight export (`__cause__`)."""
 
 
 def _read_json(path: Path) -> dict:
@@ -344,9 +349,12 @@ class Trainer:
         queued (a chunk is drawn with one version), so the learner goes on at once."""
         state_ref, all_refs = self.learners.export_weights_async()
         # other ranks only join the gather; their errors surface here
-        get_within(all_refs[1:], self.config.train.step_timeout_s,
-                   lambda i: f"learner rank {i + 1}: weight export of version {self.version}",
-                   "train.step_timeout_s")
+        try:
+            get_within(all_refs[1:], self.config.train.step_timeout_s,
+                       lambda i: f"learner rank {i + 1}: weight export of version "
+                       f"{self.version}", "train.step_timeout_s")
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            raise LearnerFailed(f"weight export of version {self.version}") from exc
         # straight from rank 0's store
         self.rollout.set_weights(state_ref, self.version, wait=self.config.staleness == 0)
         return self.version
@@ -550,11 +558,20 @@ class Trainer:
         with Progress(*columns) as progress:
             task = progress.add_task("train", total=cfg.train.num_steps, completed=first - 1,
                                      info="")
-            for step in range(first, cfg.train.num_steps + 1):
+            step = first
+            while step <= cfg.train.num_steps:
                 try:
                     row = self.step(iteration, step)
                 except RedisUnavailable as exc:  # before training: the step did not happen
                     self._stop_for_redis(exc, step - 1)
+                except Exception as exc:
+                    if not self._learner_failed(exc):
+                        raise
+                    step = self._restart_learners(exc, step)
+                    metrics_file.close()  # the restore replaced the file: append to the new
+                    metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+                    progress.update(task, completed=step - 1)
+                    continue
                 with self._writing(f"the metrics of step {step}", Path(metrics_file.name)):
                     durable.append_line(metrics_file, json.dumps(row))
                 self.loggers.log_scalars(step, row)
@@ -574,10 +591,70 @@ class Trainer:
                         self.checkpoint(step)
                     except RedisUnavailable as exc:
                         self._stop_for_redis(exc, step)
+                    except Exception as exc:
+                        if not self._learner_failed(exc):
+                            raise
+                        step = self._restart_learners(exc, step)
+                        metrics_file.close()
+                        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+                        progress.update(task, completed=step - 1)
+                        continue
+                step += 1
         metrics_file.close()
         summary["run_dir"] = str(self.run_dir)
         summary["steps"] = cfg.train.num_steps
         return summary
+
+    def _learner_failed(self, exc: Exception) -> bool:
+        """Is `exc` a learner rank's failure: it raised in an update or a weight export
+        (LearnerFailed), or a rank's process is gone (the error then may come out of a wait
+        on something that needed its result, such as a rollout actor's weight push)?"""
+        if isinstance(exc, LearnerFailed):
+            return True
+        if isinstance(exc, RunStopped) or not hasattr(self, "learners"):
+            return False
+        for worker in self.learners.workers:
+            try:
+                ray.get(worker.__ray_ready__.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                return True
+            except ray.exceptions.GetTimeoutError:  # busy, not gone
+                continue
+        return False
+
+    def _restart_learners(self, exc: Exception, step: int) -> int:
+        """After a learner rank's failure during `step`: a new learner group, the last
+        checkpoint restored as `--resume` does (`restore`: weights, optimizer, the replay buffer
+        rolled back, metrics rows after it dropped), its weights pushed to the rollout actors,
+        which keep running; batches drawn ahead (async mode) are discarded, so every step from
+        the checkpoint on is drawn again. Returns the step to go on with. Past
+        learner.max_group_restarts, or with no checkpoint yet, RunStopped says how to go on."""
+        cause = exc.__cause__ if isinstance(exc, LearnerFailed) and exc.__cause__ else exc
+        what = f"{exc}: " if isinstance(exc, LearnerFailed) else ""
+        failure = f"a learner rank failed at step {step} ({what}{type(cause).__name__}: " + (
+            str(cause).strip().splitlines() or [""])[0] + ")"
+        limit = self.config.learner.max_group_restarts
+        if not (self.run_dir / "checkpoints" / durable.LATEST).is_file():
+            raise RunStopped(f"{failure}; no checkpoint was written yet, so there is nothing "
+                             "to restore: start the run again under a new run.name") from exc
+        if self.group_restarts >= limit:
+            raise RunStopped(f"{failure}; the learner group was rebuilt {self.group_restarts} "
+                             f"time(s) already (learner.max_group_restarts = {limit}). The "
+                             f"run stopped; to go on from its last checkpoint: opgrpo train "
+                             f"--resume {self.run_dir}") from exc
+        self.group_restarts += 1
+        log.warning("%s. Rebuilding the learner group (restart %d of "
+                    "learner.max_group_restarts = %d) and restoring the last checkpoint",
+                    failure, self.group_restarts, limit)
+        self.pipeline.clear()  # drawn ahead with weights the restore takes back
+        self.learners.shutdown()
+        self.learners = LearnerGroup(self.config, runtime_env(self.config),
+                                     self.workers.learner)
+        self.learners.wait_ready()
+        first = self.restore()
+        self._nonfinite_steps = []
+        self._sync_weights()  # the checkpoint's version, before the next rollout
+        return first
 
     def _stop_if_not_finite(self, step: int, row: dict) -> None:
         """The learner skips an update whose loss is NaN or infinite (`SKIPPED_UPDATES`);
@@ -631,6 +708,7 @@ class Trainer:
         self.start_actors()
         self.version, self._buffer_busy_s, self.last_checkpoint = 0, 0.0, 0
         self.redis_down: Exception | None = None
+        self.group_restarts = 0  # learner groups rebuilt (learner.max_group_restarts)
         # Launched rollouts not trained yet, by step: in async mode up to max_staleness
         # batches are drawn ahead of the learner. A resumed run starts with none.
         self.pipeline: dict[int, Rollout] = {}
@@ -692,6 +770,9 @@ class Trainer:
                         "train.step_timeout_s"))
                 break
             except Exception as exc:
+                if not is_lost_data(exc) and isinstance(exc, (ray.exceptions.RayTaskError,
+                                                              ray.exceptions.RayActorError)):
+                    raise LearnerFailed(f"the update of step {step}") from exc
                 if not is_lost_data(exc) or attempt == ROLLOUT_ATTEMPTS:
                     raise
                 ray.wait(admitted, num_returns=len(admitted), timeout=300)
@@ -733,7 +814,8 @@ class Trainer:
                M.BUFFER_OUTAGES: buffer_stats["outages"],
                "buffer/admitted_this_step": sum(o in ("inserted", "replaced_same_prompt",
                                                       "replaced_lowest") for o in outcomes),
-               "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks}
+               "actors/rollout": len(self.rollout), "actors/learner": cfg.learner.num_ranks,
+               GROUP_RESTARTS: self.group_restarts}
         return row
 
     def _admission_outcomes(self, admitted: list, step: int) -> list[str]:
@@ -810,8 +892,20 @@ class Trainer:
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None,
-          address: str | None, accept_buffer: bool = False) -> dict:
-    """Entry point of `opgrpo train`; works the same under `ray job submit`."""
+          address: str | None, resume_if_exists: bool = False,
+          accept_buffer: bool = False) -> dict:
+    """Entry point of `opgrpo train`; works the same under `ray job submit`. With
+    `resume_if_exists` (`--resume-if-exists`) a run whose directory (run.output_dir/run.name
+    of the config) holds a checkpoint is resumed instead of refused: a job that is submitted
+    again (a KubeRay RayJob re-applied after its head node was lost) goes on from there."""
+    if resume_if_exists and not resume:
+        if config_path is None:
+            raise ValueError("--resume-if-exists needs --config (it names the run directory)")
+        found = load_config(config_path, overrides)
+        found_dir = Path(found.run.output_dir) / found.run.name
+        if (found_dir / "checkpoints" / "latest.json").is_file():
+            log.warning("%s holds a checkpoint: resuming it (--resume-if-exists)", found_dir)
+            resume = str(found_dir)
     if resume:
         run_dir = Path(resume)
         config = load_config(run_dir / "config.yaml", overrides)
