@@ -11,7 +11,6 @@ does), the batch's exactly.
 """
 
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -25,6 +24,8 @@ import psutil
 import pytest
 import ray
 import yaml
+from test_faults import _data as _fault_data
+from test_faults import _same
 
 from opgrpo import metrics as M
 from opgrpo.config import build_config
@@ -40,31 +41,10 @@ CLOSE = (M.LOSS_POLICY, M.LOSS_KL, M.LOSS_APPROX_KL)
 
 
 def _data(tmp_path, name, **sections):
-    data = {
-        "model": {"path": str(REPO / "tasks/shapes/shapes-base"), "height": 32, "width": 32},
-        "sampling": {"num_steps": 6, "guidance_scale": 1.0},
-        "rollout": {"num_actors": 1, "num_cpus": 0.25, "prompts_per_step": 4, "group_size": 4,
-                    "chunk_size": 8},
-        "reward": {"functions": {"shapes_partial": 1.0}, "num_actors": 1, "num_cpus": 0.25},
-        "buffer": {"off_policy_fraction": 0.25, "capacity": 16, "truncate_step": 3},
-        "learner": {"num_ranks": 1, "num_cpus": 0.25, "micro_batch_size": 16,
-                    "learning_rate": 3e-3, "clip_range": 0.2},
-        "train": {"num_steps": STEPS, "mode": "sync",
-                  "prompts_file": str(REPO / "configs/shapes/train_metadata.jsonl"),
-                  "checkpoint_every": 2, "eval_every": 100},
-        "run": {"name": name, "output_dir": str(tmp_path), "seed": 0},
-    }
-    for section, values in sections.items():
-        data[section].update(values)
-    return data
-
-
-def _same(value, expected, close: bool = False) -> bool:
-    if isinstance(expected, float) and math.isnan(expected):
-        return isinstance(value, float) and math.isnan(value)
-    if close:
-        return math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6)
-    return value == expected
+    """tests/test_faults.py's run, with one rollout actor and this file's step count."""
+    rollout = {"num_actors": 1, **sections.pop("rollout", {})}
+    train = {"num_steps": STEPS, **sections.pop("train", {})}
+    return _fault_data(tmp_path, name, rollout=rollout, train=train, **sections)
 
 
 def _weights(trainer) -> tuple[dict, dict]:
