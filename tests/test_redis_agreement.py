@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 import redis
+from test_buffer_service import _admit_all, _trajectories
 
 from actors.control import control_name
 from buffer_service.actor import BufferService, RedisRefused, RedisUnavailable
@@ -30,23 +30,6 @@ from opgrpo.train import (
     check_fingerprint,
     run_id,
 )
-from opgrpo.trajectory import Trajectory
-
-
-def _trajectories(n, step=0):
-    rng = np.random.default_rng(step)
-    return [Trajectory(
-        prompt_key=f"p{i}", prompt=f"prompt {i}",
-        latents=rng.standard_normal((5, 4, 8, 8), dtype=np.float32),
-        sigmas=np.linspace(1, 0, 5, dtype=np.float32),
-        behaviour_logprobs=np.zeros(4, np.float32), behaviour_version=step, noise_level=0.7,
-        seed=i, replayed=False, off_policy_mask=np.zeros(4, bool),
-        old_logprobs=np.zeros(4, np.float32)) for i in range(n)]
-
-
-def _admit_all(service, trajs, step):
-    return service.admit(trajs, [{"index": i, "reward": 0.1 * (i + 1), "advantage": 1.0,
-                                  "step": step} for i in range(len(trajs))])
 
 
 def _config(url, **extra):
