@@ -107,7 +107,7 @@ def test_job_survives_losing_a_worker_node(topology, tmp_path):
     # in the run's config), not in an embedded one in the run directory.
     server = topology["redis"]
     client = redis.Redis.from_url(server.url)
-    entries = list(client.scan_iter(match="opgrpo:topology:entry:*"))
+    entries = list(client.scan_iter(match="opgrpo:topology:*:entry:*"))
     assert len(entries) == done[-1]["buffer/size"] > 0
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     # Redis 6 writes appendonly.aof, Redis 7 an appendonlydir/ of files.
