@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,20 @@ def start_node(env, temp_dir: str, *args: str) -> subprocess.Popen:
          *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def kill_raylet(node: subprocess.Popen) -> int:
+    """SIGKILL the raylet of a `start_node` node, as a machine that dies or an OOM killer
+    would: no drain, no goodbye to the GCS, which finds the node dead by its missed health
+    checks. Returns the raylet's pid. (The node's `ray start --block` process then exits by
+    itself; `stop_node` still reaps it.)"""
+    import psutil
+
+    raylets = [p for p in psutil.Process(node.pid).children(recursive=True)
+               if p.name() == "raylet"]
+    assert len(raylets) == 1, f"expected one raylet under {node.pid}, found {raylets}"
+    raylets[0].send_signal(signal.SIGKILL)
+    return raylets[0].pid
 
 
 def stop_node(node: subprocess.Popen) -> None:
@@ -74,7 +89,6 @@ def head_node(extra_env: dict[str, str] | None = None, *args: str) -> Iterator[d
     finally:
         stop_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 
 def job_status(cluster, job_id: str) -> str:
