@@ -308,7 +308,7 @@ def part_learner_setup(state: dict) -> dict:
     with the policy built by this script)."""
     import torch
 
-    from learner.worker import LearnerWorker, deepspeed_config, free_port
+    from learner.worker import LearnerWorker, deepspeed_config, free_port, init_distributed
 
     args, device, cfg = state["args"], state["device"], need(state, "config")
     make = need(state, "make_policy")
@@ -329,9 +329,7 @@ def part_learner_setup(state: dict) -> dict:
     worker = LearnerWorker(cfg.model_dump(mode="json"), 0, 1)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_distributed(device.type == "cuda")
     worker.build(policy)  # optimizer, DeepSpeed engine, EMA: as every learner rank
     params = policy.trainable_parameters()
     ds_config = deepspeed_config(cfg)

@@ -42,6 +42,25 @@ RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 SKIPPED_UPDATES = "loss/skipped_updates"
 
 
+def init_distributed(use_gpu: bool) -> None:
+    """`deepspeed.init_distributed` with NCCL on GPUs, gloo on CPU.
+
+    On CPU, DeepSpeed's torch backend JIT-compiles its shared-memory all-reduce op
+    (`deepspeed_shm_comm`, a C++ extension) when it starts: a minute or more of compiling on a
+    small machine, again whenever the build's flags or paths change, and it needs a compiler.
+    Training never uses it (it serves only `inference_all_reduce`; gradients go through
+    torch.distributed), so on CPU it is marked incompatible first, which DeepSpeed reads as
+    "not available" and skips."""
+    import deepspeed
+
+    if not use_gpu:
+        import deepspeed.ops
+
+        # DeepSpeed probes its ops once per process and keeps the dict (edits persist)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 class BatchLost(RuntimeError):
     """An iteration's trajectories could not be fetched; the driver draws the step again."""
 
@@ -164,9 +183,7 @@ class LearnerWorker:
         os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
                            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
                            "LOCAL_RANK": "0"})
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        init_distributed(use_gpu)
         cfg = self.config
         torch.manual_seed(cfg.run.seed)
         torch.set_num_threads(torch_threads(cfg, cfg.learner.num_cpus))

@@ -101,7 +101,8 @@ _ENGINE_SCRIPT = textwrap.dedent("""
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch, deepspeed
     from learner.safe_state import SafeCheckpointEngine
-    deepspeed.init_distributed(dist_backend="gloo")
+    from learner.worker import init_distributed
+    init_distributed(use_gpu=False)
     stage, directory = int(sys.argv[1]), sys.argv[2]
 
     def engine():
