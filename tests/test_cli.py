@@ -1,9 +1,13 @@
 """The `opgrpo` command line, run as a user runs it (subprocess of the installed entry point)."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _opgrpo(*args, cwd=None):
@@ -13,13 +17,39 @@ def _opgrpo(*args, cwd=None):
     )
 
 
-def test_make_tiny_sd3_then_sample_grid(tmp_path):
-    model = tmp_path / "model"
-    made = _opgrpo("make-tiny-sd3", str(model))
+def _checkout(tmp_path: Path) -> Path:
+    """A directory that looks like the repository to the shipped configs' relative paths
+    (configs/, tasks/), so that runs write their out/ and runs/ there, not into the repo."""
+    here = tmp_path / "checkout"
+    here.mkdir()
+    for name in ("configs", "tasks"):
+        (here / name).symlink_to(REPO / name)
+    return here
+
+
+def _one_step(here: Path, config: str, *sets: str) -> list[dict]:
+    """`opgrpo train --config <config>` for one step, as shipped but for the `sets`."""
+    args = [a for s in ("train.num_steps=1", *sets) for a in ("--set", s)]
+    run = _opgrpo("train", "--config", config, *args, cwd=here)
+    assert run.returncode == 0, run.stderr[-3000:]
+    name = next(line.split(":", 1)[1].strip() for line in (REPO / config).open()
+                if line.strip().startswith("name:"))
+    return [json.loads(line) for line in (here / "runs" / name / "metrics.jsonl").open()]
+
+
+def test_make_tiny_sd3_then_its_config_trains_as_shipped_and_sample_grid(tmp_path):
+    """The header of configs/tiny_sd3.yaml, word for word: `opgrpo make-tiny-sd3 out/tiny-sd3`,
+    then `opgrpo train --config configs/tiny_sd3.yaml` (one step of it): its Ray requests fit
+    this 2-core machine and its prompt file has enough prompts."""
+    here = _checkout(tmp_path)
+    model = here / "out" / "tiny-sd3"
+    made = _opgrpo("make-tiny-sd3", "out/tiny-sd3", cwd=here)
     assert made.returncode == 0, made.stderr
     assert (model / "model_index.json").is_file()
     refused = _opgrpo("make-tiny-sd3", str(model))
     assert refused.returncode != 0 and "not empty" in refused.stderr
+    rows = _one_step(here, "configs/tiny_sd3.yaml")
+    assert [r["step"] for r in rows] == [1]
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red circle\n\nthree blue squares\n")
@@ -31,6 +61,15 @@ def test_make_tiny_sd3_then_sample_grid(tmp_path):
         with Image.open(out) as image:
             width, height = image.size
         assert width >= 3 * 128 and height >= 2 * 128  # 2 rows x 3 tiles of 128 px
+
+
+def test_shapes_tiny_runs_as_shipped_for_one_step(tmp_path):
+    """The demo's config on this machine as shipped (its model, prompts, async mode, Ray
+    requests), for one step and without its evaluations (127 prompts x 4 images x 40 steps,
+    twice: the step, not the evaluation, is what must fit here)."""
+    rows = _one_step(_checkout(tmp_path), "configs/shapes_tiny.yaml",
+                     "train.eval_prompts_file=null")
+    assert [r["step"] for r in rows] == [1] and rows[0]["actors/rollout"] == 1
 
 
 def test_sample_names_missing_files(tmp_path, tiny_sd3_dir):
