@@ -71,10 +71,16 @@ class LearnerGroup:
         return refs[0], refs
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        ray.get([w.save_checkpoint.remote(directory, tag) for w in self.workers])
+        get_within([w.save_checkpoint.remote(directory, tag) for w in self.workers],
+                   self.config.train.step_timeout_s,
+                   lambda r: f"learner rank {r}: saving checkpoint {tag}",
+                   "train.step_timeout_s")
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
-        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+        return get_within([w.load_checkpoint.remote(directory, tag) for w in self.workers],
+                          self.config.train.step_timeout_s,
+                          lambda r: f"learner rank {r}: loading checkpoint {tag}",
+                          "train.step_timeout_s")[0]
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -369,6 +369,10 @@ class TrainConfig(_Section):
         "(a rollout chunk, its rewards, a learner rank's update, a weight push, the buffer): "
         "past it the run stops with an error naming the actor and what it waited for. Ray's "
         "restart of a crashed actor and its re-run tasks happen within this wait.")
+    eval_timeout_s: float = Field(
+        3600.0, gt=0, description="Longest the driver waits for an evaluation (its images "
+        "from the rollout actors and their scores from the reward actors): past it the run "
+        "stops with an error naming the actor and the evaluation's step.")
     actor_start_timeout_s: float = Field(
         1200.0, gt=0, description="Longest the driver waits for an actor to be placed by Ray "
         "and to load its model (learner ranks, rollout actors, also those `opgrpo scale` "

@@ -221,6 +221,20 @@ def eval_shards(n_prompts: int, n_actors: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def eval_results(image_refs: list, part_refs: list, step: int, timeout_s: float,
+                 actors: tuple[int, int]) -> list[dict]:
+    """The evaluation's per-shard scores: waits at most `timeout_s` (train.eval_timeout_s)
+    for the images of every shard (shard i from rollout actor i) and then for their scores
+    (from reward actor i mod the reward actors); WaitTimeout names the actor and the step."""
+    n_rollout, n_reward = actors
+    began = time.monotonic()
+    wait_within(image_refs, timeout_s, lambda i: f"rollout actor {i % n_rollout}: the "
+                f"evaluation images of step {step} (shard {i})", "train.eval_timeout_s")
+    left = max(1.0, timeout_s - (time.monotonic() - began))
+    return get_within(part_refs, left, lambda i: f"reward actor {i % n_reward}: the "
+                      f"evaluation scores of step {step} (shard {i})", "train.eval_timeout_s")
+
+
 def per_tag_means(values: np.ndarray, tags: list[str | None]) -> dict[str, float]:
     """Mean of `values` per prompt tag (the `tag` field of a JSONL prompt file, as GenEval's
     metadata has), tags in first-seen order; untagged prompts are left out."""
@@ -384,7 +398,7 @@ class Trainer:
             raise
         fingerprint = None
         if with_buffer:
-            fingerprint = ray.get(self.buffer.checkpoint.remote(step))
+            fingerprint = self._buffer_call("checkpoint", step)
             try:  # beside the manifest, not in it: a resume compares the buffer with it
                 durable.atomic_write_json(directory / tag / BUFFER_FINGERPRINT, fingerprint)
             except OSError as exc:
@@ -412,7 +426,14 @@ class Trainer:
         if with_buffer:
             fallback = next((s for s in durable.checkpoint_steps(directory) if s < step and (
                 directory / f"step{s}" / durable.MANIFEST).is_file()), step)
-            ray.get(self.buffer.checkpoint_done.remote(fallback))
+            self._buffer_call("checkpoint_done", fallback)
+
+    def _buffer_call(self, method: str, *args):
+        """The buffer actor's `method(*args)`, waited for at most train.step_timeout_s."""
+        return get_within(getattr(self.buffer, method).remote(*args),
+                          self.config.train.step_timeout_s,
+                          f"buffer actor: {method}({', '.join(map(str, args))})",
+                          "train.step_timeout_s")
 
     def _stop_for_write(self, exc: BaseException, what: str, where: Path,
                         done: str = "") -> None:
@@ -457,7 +478,7 @@ class Trainer:
         state = state or self.resume_point()
         self.version = self.learners.load_checkpoint(
             str((self.run_dir / "checkpoints").resolve()), state["tag"])
-        changes = ray.get(self.buffer.rollback_to.remote(state["step"]))
+        changes = self._buffer_call("rollback_to", state["step"])
         self.check_buffer(state)
         self.last_checkpoint = state["step"]
         self._truncate_metrics(state["step"])
@@ -479,7 +500,7 @@ class Trainer:
             log.warning("checkpoint %s has no buffer fingerprint (%s): the replay buffer is "
                         "resumed unchecked", state["tag"], BUFFER_FINGERPRINT)
             return
-        check_fingerprint(tag_dir, ray.get(self.buffer.fingerprint.remote()),
+        check_fingerprint(tag_dir, self._buffer_call("fingerprint"),
                           self.config.buffer.exact_resume, self.accept_buffer,
                           self._redis_where(), self.run_dir)
 
@@ -519,15 +540,18 @@ class Trainer:
             cfg.sampling.eval_guidance_scale, cfg.run.seed, weights=ema)
             for i, (a, b) in enumerate(shards)]
         texts = [r.text for r in records for _ in range(n)]
-        parts = ray.get([self.rewards.worker(i).score_with.remote(name, ref, texts[a * n:b * n])
-                         for i, (ref, (a, b)) in enumerate(zip(image_refs, shards))])
+        part_refs = [self.rewards.worker(i).score_with.remote(name, ref, texts[a * n:b * n])
+                     for i, (ref, (a, b)) in enumerate(zip(image_refs, shards))]
+        parts = eval_results(image_refs, part_refs, step, cfg.train.eval_timeout_s,
+                             (len(self.rollout), len(self.rewards.workers)))
         scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         summary = spec.summarize(scores, texts)
         tags = [r.metadata.get("tag") for r in records for _ in range(n)]
         if "per_tag" not in summary and any(t is not None for t in tags):
             summary["per_tag"] = per_tag_means(scores[spec.key], tags)
         shown = min(8, len(records))
-        grid = [ray.get(ref)[: (min(b, shown) - a) * n]
+        grid = [get_within(ref, cfg.train.eval_timeout_s, f"evaluation of step {step}: the "
+                           "images of a shard", "train.eval_timeout_s")[: (min(b, shown) - a) * n]
                 for ref, (a, b) in zip(image_refs, shards) if a < shown]
         floats = np.moveaxis(np.concatenate(grid).astype(np.float32) / 255, -1, -3)
         labels = [f"{spec.key}={v:.2f}" for v in scores[spec.key][: shown * n]]

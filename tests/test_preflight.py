@@ -348,6 +348,68 @@ def test_a_step_that_does_not_finish_names_the_actor_and_the_chunk(small_ray):
     ray.cancel(slow, force=True)
 
 
+def test_an_evaluation_that_does_not_finish_names_the_actor_and_the_step(small_ray):
+    """train.eval_timeout_s bounds both halves of an evaluation: the images of a shard (from
+    its rollout actor) and then their scores (from its reward actor)."""
+    from opgrpo.train import eval_results
+
+    ray = small_ray
+
+    @ray.remote(num_cpus=0)
+    def work(seconds):
+        time.sleep(seconds)
+        return {"score": np.zeros(1)}
+
+    done, slow = [work.remote(0) for _ in range(4)], work.remote(60)
+    ray.get(done)
+    began = time.monotonic()
+    with pytest.raises(WaitTimeout, match=r"^rollout actor 1: the evaluation images of step 25 "
+                       r"\(shard 3\) did not finish within 0\.5 s \(train\.eval_timeout_s\)$"):
+        eval_results([*done[:3], slow], done, 25, 0.5, (2, 1))
+    with pytest.raises(WaitTimeout, match=r"^reward actor 0: the evaluation scores of step 25 "
+                       r"\(shard 1\) did not finish within 1 s \(train\.eval_timeout_s\)$"):
+        eval_results(done[:2], [done[2], slow], 25, 0.5, (2, 1))
+    assert eval_results(done[:1], done[1:2], 25, 0.5, (1, 1))[0]["score"].shape == (1,)
+    assert time.monotonic() - began < 15
+    ray.cancel(slow, force=True)
+
+
+def test_a_checkpoint_save_or_load_that_hangs_names_the_learner_rank(small_ray, tmp_path):
+    """LearnerGroup's checkpoint waits are bounded by train.step_timeout_s. The ranks here are
+    LearnerWorkers whose DeepSpeed setup is skipped and whose checkpoint calls never return
+    in time: what is under test is the group's wait, not the engine."""
+    from learner.group import LearnerGroup
+    from learner.worker import LearnerWorker
+
+    class Stuck(LearnerWorker):
+        def setup(self, master_addr, master_port):
+            return 0
+
+        def save_checkpoint(self, directory, tag):
+            time.sleep(3)
+
+        def load_checkpoint(self, directory, tag):
+            time.sleep(60 if self.rank == 1 else 0)
+            return 0
+
+    config = build_config(_data(tmp_path, learner={"num_ranks": 2, "num_cpus": 0},
+                                train={"step_timeout_s": 1}))
+    group = LearnerGroup(config, {}, Stuck)
+    try:
+        group.wait_ready()
+        began = time.monotonic()
+        with pytest.raises(WaitTimeout, match=r"^learner rank 0: saving checkpoint step4 did "
+                           r"not finish within 1 s \(train\.step_timeout_s\) \(1 more"):
+            group.save_checkpoint(str(tmp_path), "step4")
+        time.sleep(3)  # an actor runs one call at a time: let the saves end
+        with pytest.raises(WaitTimeout, match=r"^learner rank 1: loading checkpoint step4 did "
+                           r"not finish within 1 s"):
+            group.load_checkpoint(str(tmp_path), "step4")
+        assert time.monotonic() - began < 15
+    finally:
+        group.shutdown()
+
+
 def test_opgrpo_scale_beyond_the_cluster_is_refused_in_seconds(small_ray, tmp_path):
     """`opgrpo scale --rollout 64` against a run on a 2-CPU cluster: the control actor knows
     the run's requests (the rollout pool sends them) and refuses at once; the driver's pool
