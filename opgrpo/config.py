@@ -627,13 +627,38 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+CREDENTIALS_REMOVED = "credentials removed"  # config.yaml's comment on such a URL
+
+
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML (written to a run directory as config.yaml), with any Redis
-    password removed from the URL: a resumed run takes it from REDIS_PASSWORD or REDIS_URL."""
-    data = config.model_dump(mode="json")
-    if data["buffer"]["redis_url"]:
-        data["buffer"]["redis_url"] = redact_url(data["buffer"]["redis_url"], mask=None)
-    return yaml.safe_dump(data, sort_keys=False)
+    """The resolved config as YAML (written to a run directory as config.yaml) with every URL's
+    credentials removed (user info, secret query parameters: `without_url_secrets`), so that
+    no password or token is kept on disk. A comment at the top names each URL that lost them:
+    a resumed run takes the Redis password from REDIS_PASSWORD or REDIS_URL, and any other
+    URL's credentials again from `--set` (`reward_credentials_missing` warns when they are not
+    given); rewards can take a token from the environment instead (`token_env`)."""
+    data, removed = without_url_secrets(config.model_dump(mode="json"))
+    notes = []
+    for path in removed:
+        again = ("REDIS_PASSWORD or REDIS_URL gives it to a resumed run"
+                 if path == "buffer.redis_url" else f"give them again with --set {path}=...")
+        notes.append(f"# {path}: {CREDENTIALS_REMOVED} ({again})\n")
+    return "".join(notes) + yaml.safe_dump(data, sort_keys=False)
+
+
+def credentials_missing(config_yaml: str, overrides: list[str]) -> list[str]:
+    """The URLs whose credentials config.yaml says were removed (other than the Redis URL,
+    which the environment supplies) and that `overrides` does not set again."""
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    missing = []
+    for line in config_yaml.splitlines():
+        if not line.startswith("# ") or f": {CREDENTIALS_REMOVED}" not in line:
+            continue
+        path = line[2:].split(":", 1)[0]
+        if path != "buffer.redis_url" and not any(path == g or path.startswith(g + ".")
+                                                  for g in given):
+            missing.append(path)
+    return missing
 
 
 # Query parameters whose value is a credential: a word of the name (split at `_`, `-`, `.`

@@ -62,22 +62,13 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
 
 
 def public_config(config) -> dict:
-    """The resolved config as written to config.yaml, with the password of every URL in it
-    removed (the Redis URL's, a reward server's)."""
+    """The resolved config as written to config.yaml: without any URL's credentials (the
+    Redis URL's, a reward server's; see `dump_config`)."""
     import yaml
 
-    from opgrpo.config import dump_config, redact_url
+    from opgrpo.config import dump_config
 
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, str) and "://" in value:
-            return redact_url(value, mask=None)
-        return value
-
-    return clean(yaml.safe_load(dump_config(config)))
+    return yaml.safe_load(dump_config(config))
 
 
 class TensorBoardLogger:

@@ -41,7 +41,14 @@ from learner.stats import batch_statistics
 from learner.worker import SKIPPED_UPDATES, LearnerWorker, nan_mean
 from opgrpo import durable
 from opgrpo import metrics as M
-from opgrpo.config import Config, dump_config, load_config, redact_url, url_password
+from opgrpo.config import (
+    Config,
+    credentials_missing,
+    dump_config,
+    load_config,
+    redact_url,
+    url_password,
+)
 from opgrpo.driver import (
     Iteration,
     Rollout,
@@ -933,6 +940,9 @@ def train(config_path: str | None, overrides: list[str], resume: str | None,
     if resume:
         run_dir = Path(resume)
         config = load_config(run_dir / "config.yaml", overrides)
+        for path in credentials_missing((run_dir / "config.yaml").read_text(), overrides):
+            log.warning("%s: config.yaml keeps this URL without its credentials; if the "
+                        "server needs them, give them again with --set %s=...", path, path)
         if not (run_dir / "checkpoints" / "latest.json").is_file():
             raise FileNotFoundError(
                 f"{run_dir / 'checkpoints' / 'latest.json'} is missing: the run stopped before "

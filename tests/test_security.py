@@ -231,6 +231,30 @@ def test_the_run_config_and_the_redis_password_in_a_query():
     assert url_password("redis://opgrpo@h/0") is None
 
 
+def test_config_yaml_keeps_no_url_credentials_and_a_resume_is_told_what_to_give_again(
+        tmp_path):
+    from opgrpo.config import credentials_missing, load_config
+
+    config = build_config({
+        "buffer": {"redis_url": "redis://:r3dis@h:6379/0"},
+        "reward": {"functions": {"http": 1.0},
+                   "options": {"http": {"url": "https://alice:pa55@scores.example/s?token=t0k"}}},
+    })
+    text = dump_config(config)
+    for secret in ("r3dis", "pa55", "t0k"):
+        assert secret not in text
+    assert "# reward.options.http.url: credentials removed (give them again with --set " \
+           "reward.options.http.url=...)" in text
+    assert "# buffer.redis_url: credentials removed (REDIS_PASSWORD" in text
+    (tmp_path / "config.yaml").write_text(text)
+    reloaded = load_config(tmp_path / "config.yaml")  # the comments are YAML comments
+    assert reloaded.reward.options["http"]["url"] == "https://scores.example/s"
+    assert credentials_missing(text, []) == ["reward.options.http.url"]
+    assert credentials_missing(text, ["reward.options.http.url=https://a:b@x/s"]) == []
+    assert credentials_missing(text, ["reward.options={http: {url: 'https://a:b@x/s'}}"]) == []
+    assert credentials_missing(dump_config(build_config({})), []) == []
+
+
 class _FakeActorClass:
     """Stands in for `ray.remote(cls)`: records what each `.options(...).remote(...)` would
     hand to Ray (options and constructor arguments) instead of starting an actor."""
