@@ -180,6 +180,21 @@ def test_token_auth_refuses_jobs_and_clients_without_the_token(tmp_path):
         jobs = {job["submission_id"]: job["status"] for job in json.loads(body)
                 if job.get("submission_id")}
         assert status == 200 and jobs == {"sec-1": "SUCCEEDED"}  # the refused one never ran
+        # The docs' bare-metal commands on a machine that ran `make demo`: the token is in
+        # ~/.ray/auth_token (`ray get-auth-token --generate` makes it where none exists). A
+        # client with RAY_AUTH_MODE=token sends it; one without the variable sends none.
+        home = tmp_path / "client-home"
+        made = _run([ray_cli, "get-auth-token", "--generate"], {**cluster["base"],
+                                                                "HOME": str(home)})
+        written = (home / ".ray" / "auth_token").read_text().strip()
+        assert made.returncode == 0 and len(written) >= 32 and written in made.stdout
+        (home / ".ray" / "auth_token").write_text(TOKEN)  # this cluster's token, in the file
+        from_file = {**cluster["base"], "HOME": str(home), "RAY_AUTH_MODE": "token"}
+        listed = _run([ray_cli, "job", "list", "--address", cluster["dashboard"]], from_file)
+        assert listed.returncode == 0 and "sec-1" in listed.stdout, listed.stderr[-2000:]
+        unset = _run([ray_cli, "job", "list", "--address", cluster["dashboard"]],
+                     {**cluster["base"], "HOME": str(home)})
+        assert unset.returncode != 0, unset.stdout[-2000:]
 
         # a client joining through the GCS (`opgrpo scale`): works with the token ...
         scale = _run([opgrpo_cli, "scale", "--rollout", "2", "--run", "sec", "--address",
