@@ -1,5 +1,7 @@
 """The Ray service end to end on the shipped shapes model: real Ray actors, an embedded Redis,
-DeepSpeed ranks on CPU (gloo). Few steps, small batches."""
+DeepSpeed ranks on CPU (gloo). Few steps, small batches; two runs (ZeRO-3 async, ZeRO-2 sync),
+the second also checked for its run files and resumed (a Trainer's start costs more than its
+steps)."""
 
 import json
 from pathlib import Path
@@ -53,39 +55,30 @@ def _learner_weights(trainer):
     return ray.get(state_ref)
 
 
-@pytest.mark.parametrize("stage,updates,mode", [(2, 1, "sync"), (3, 2, "async")])
-def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates, mode):
-    """ZeRO-3 runs in async mode (max_staleness 1): both ranks re-score their stale samples
-    with the same number of forwards (parameters are gathered collectively)."""
-    learner = {"zero_stage": stage, "optimizer_steps_per_pass": updates,
-               "micro_batch_size": 8 // updates}
-    config = _config(tmp_path, learner=learner, run={"name": f"e2e-z{stage}"},
-                     train={"mode": mode, "max_staleness": 1})
-    trainer = Trainer(config, tmp_path / f"e2e-z{stage}")
-    try:
-        assert trainer.prepare() == 1
-        iteration = Iteration(trainer.config, trainer.rollout, trainer.rewards, trainer.buffer)
-        rows = []
-        for step in (1, 2, 3):
-            rows.append(trainer.step(iteration, step))
-            learner = _learner_weights(trainer)
-            for worker in trainer.rollout.workers:
-                held = ray.get(worker.weights.remote())
-                assert held.keys() == learner.keys()
-                assert all(np.array_equal(held[k], learner[k]) for k in learner)
-            assert ray.get(trainer.rollout.workers[0].ready.remote()) == step
-        # a checkpoint carries the trainable weights as safetensors (gathered under ZeRO-3)
-        trainer.checkpoint(3)
-        saved = load_file(str(tmp_path / f"e2e-z{stage}" / "checkpoints" / "step3" / WEIGHTS_FILE))
-        assert saved.keys() == learner.keys()
-        assert all(np.array_equal(saved[k].numpy(), learner[k]) for k in learner)
-        if stage == 2:
-            _check_evaluation_over_two_actors(trainer, learner, tmp_path / f"e2e-z{stage}")
-    finally:
-        trainer.shutdown()
+def _check_rollout_holds_the_learners_weights(trainer, step: int) -> dict:
+    """After `step`: every rollout actor holds the learner's weights, as version `step`;
+    returns the learner's weights."""
+    learner = _learner_weights(trainer)
+    for worker in trainer.rollout.workers:
+        held = ray.get(worker.weights.remote())
+        assert held.keys() == learner.keys()
+        assert all(np.array_equal(held[k], learner[k]) for k in learner)
+    assert ray.get(trainer.rollout.workers[0].ready.remote()) == step
+    return learner
+
+
+def _check_checkpoint_weights(run_dir, learner) -> None:
+    """A checkpoint carries the trainable weights as safetensors (gathered under ZeRO-3)."""
+    saved = load_file(str(run_dir / "checkpoints" / "step3" / WEIGHTS_FILE))
+    assert saved.keys() == learner.keys()
+    assert all(np.array_equal(saved[k].numpy(), learner[k]) for k in learner)
+
+
+def _check_three_rows(rows, mode: str, updates: int) -> None:
+    """The metrics rows of a 3-step run with 2 rollout actors."""
     assert [r["version"] for r in rows] == [1, 2, 3]
-    # Weight pushes are not waited for in async mode, yet each check above saw the new
-    # version: an actor runs one caller's tasks in order, so the push came first.
+    # Weight pushes are not waited for in async mode, yet each check after a step saw the
+    # new version: an actor runs one caller's tasks in order, so the push came first.
     stale = [0, 1, 1] if mode == "async" else [0, 0, 0]
     assert [r[M.POLICY_STALENESS_MAX] for r in rows] == stale
     assert [r[M.POLICY_RESCORED_FRACTION] for r in rows] == stale
@@ -114,48 +107,65 @@ def test_three_steps_end_to_end(ray_session, tmp_path, stage, updates, mode):
     assert np.isnan(rows[0][M.BUFFER_REPLAY_FRESH_MASKED_FRACTION])
 
 
-def _check_evaluation_over_two_actors(trainer, learner, run_dir):
-    """The evaluation spreads its prompts over both rollout actors and gives the images and
-    summary one process gives for all prompts with the same weights."""
-    from actors.rewards import get_reward, score_frames
-    from opgrpo.evaluate import EvalSettings, generate
-    from opgrpo.models import FlowPolicy
-    from opgrpo.prompts import load_prompts
-
-    cfg = trainer.config
-    trainer.eval_prompts = load_prompts(REPO / "configs/shapes/test_metadata.jsonl")[:5]
-    n = cfg.train.eval_images_per_prompt
-    summary = trainer.evaluate(3)
-    row = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
-    assert row["actors"] == 2 and row["step"] == 3 and summary["n_images"] == 5 * n
-    assert set(summary["per_tag"]) == {"single_object", "two_object"}
-    assert (run_dir / "samples" / "step00003.png").is_file()
-    policy = FlowPolicy.from_config(cfg)
-    policy.load_trainable_state_dict({k: torch.from_numpy(v) for k, v in learner.items()})
-    settings = EvalSettings(n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
-                            cfg.run.seed, height=32, width=32)
-    local = generate(policy, trainer.eval_prompts, settings, quantise=True)
-    second = ray.get(trainer.rollout.worker(1).evaluate.remote(  # the second actor's shard
-        [(r.text, r.key) for r in trainer.eval_prompts[2:]], n, cfg.sampling.eval_num_steps,
-        cfg.sampling.eval_guidance_scale, cfg.run.seed))
-    assert second.dtype == np.uint8
-    assert np.abs(second.astype(int) - local[2 * n:].astype(int)).max() <= 1
-    spec = get_reward("shapes_partial")
-    texts = [r.text for r in trainer.eval_prompts for _ in range(n)]
-    expected = spec.summarize(score_frames(spec, np.moveaxis(local / 255.0, -1, -3), texts),
-                              texts)
-    assert summary == expected
-
-
-def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
-    config = _config(tmp_path, learner={"num_ranks": 1, "micro_batch_size": 16},
-                     run={"name": "resume", "loggers": ["jsonl", "tensorboard"]})
-    run_dir = tmp_path / "resume"
-    trainer = Trainer(config, run_dir)
+def test_three_steps_end_to_end_zero3_async(ray_session, tmp_path):
+    """ZeRO-3, two optimizer steps per pass, async mode (max_staleness 1), the driver's steps
+    one by one: after each, both rollout actors hold the learner's weights although no push
+    was waited for; both ranks re-score their stale samples with the same number of forwards
+    (parameters are gathered collectively); the checkpoint's safetensors hold the gathered
+    weights."""
+    config = _config(tmp_path, learner={"zero_stage": 3, "optimizer_steps_per_pass": 2,
+                                        "micro_batch_size": 4},
+                     run={"name": "e2e-z3"}, train={"mode": "async", "max_staleness": 1})
+    trainer = Trainer(config, tmp_path / "e2e-z3")
     try:
-        trainer.run()
+        assert trainer.prepare() == 1
+        iteration = Iteration(trainer.config, trainer.rollout, trainer.rewards, trainer.buffer)
+        rows = []
+        for step in (1, 2, 3):
+            rows.append(trainer.step(iteration, step))
+            learner = _check_rollout_holds_the_learners_weights(trainer, step)
+        trainer.checkpoint(3)
+        _check_checkpoint_weights(tmp_path / "e2e-z3", learner)
     finally:
         trainer.shutdown()
+    _check_three_rows(rows, "async", updates=2)
+
+
+def test_three_steps_end_to_end_zero2_sync_then_metrics_checkpoints_eval_and_resume(
+        ray_session, tmp_path):
+    """ZeRO-2 over 2 ranks, sync mode, one optimizer step per pass, `Trainer.run` with the
+    jsonl and tensorboard loggers. After each step both rollout actors hold the learner's
+    weights; the step-3 checkpoint's safetensors hold them; the evaluation over both rollout
+    actors is what one process gives. metrics.jsonl, checkpoints step2 and step3 (each with
+    the buffer's fingerprint) and the run's id are written. Then a resume from step 2 (as if
+    step 3 never finished, with an evaluation row after step 2 that must go) to step 4: the
+    same run id (the buffer rolled back and matched), every step once, TensorBoard with step
+    3 once, and the exported policy of the last checkpoint the same from its safetensors copy
+    and from DeepSpeed's module state."""
+    config = _config(tmp_path, learner={"zero_stage": 2, "optimizer_steps_per_pass": 1,
+                                        "micro_batch_size": 8},
+                     run={"name": "e2e-z2", "loggers": ["jsonl", "tensorboard"]},
+                     train={"mode": "sync", "max_staleness": 1})
+    run_dir = tmp_path / "e2e-z2"
+    trainer = Trainer(config, run_dir)
+    rows, learner = [], {}
+    run_step = trainer.step
+
+    def checked_step(iteration, step):  # the run's own step, then the checks of each step
+        rows.append(run_step(iteration, step))
+        learner.update(_check_rollout_holds_the_learners_weights(trainer, step))
+        return rows[-1]
+
+    trainer.step = checked_step
+    try:
+        trainer.run()
+        _check_checkpoint_weights(run_dir, learner)  # the run's final checkpoint, step 3
+        _check_evaluation_over_two_actors(trainer, learner, run_dir)
+    finally:
+        trainer.shutdown()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    _check_three_rows(rows, "sync", updates=1)
+
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
@@ -199,3 +209,36 @@ def test_run_writes_metrics_checkpoints_and_resumes(ray_session, tmp_path):
     base = load_file(str(REPO / "tasks" / "shapes" / "shapes-base" / "transformer"
                          / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], base[k].float()) for k in base)  # it did train
+
+
+def _check_evaluation_over_two_actors(trainer, learner, run_dir):
+    """The evaluation spreads its prompts over both rollout actors and gives the images and
+    summary one process gives for all prompts with the same weights."""
+    from actors.rewards import get_reward, score_frames
+    from opgrpo.evaluate import EvalSettings, generate
+    from opgrpo.models import FlowPolicy
+    from opgrpo.prompts import load_prompts
+
+    cfg = trainer.config
+    trainer.eval_prompts = load_prompts(REPO / "configs/shapes/test_metadata.jsonl")[:5]
+    n = cfg.train.eval_images_per_prompt
+    summary = trainer.evaluate(3)
+    row = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["actors"] == 2 and row["step"] == 3 and summary["n_images"] == 5 * n
+    assert set(summary["per_tag"]) == {"single_object", "two_object"}
+    assert (run_dir / "samples" / "step00003.png").is_file()
+    policy = FlowPolicy.from_config(cfg)
+    policy.load_trainable_state_dict({k: torch.from_numpy(v) for k, v in learner.items()})
+    settings = EvalSettings(n, cfg.sampling.eval_num_steps, cfg.sampling.eval_guidance_scale,
+                            cfg.run.seed, height=32, width=32)
+    local = generate(policy, trainer.eval_prompts, settings, quantise=True)
+    second = ray.get(trainer.rollout.worker(1).evaluate.remote(  # the second actor's shard
+        [(r.text, r.key) for r in trainer.eval_prompts[2:]], n, cfg.sampling.eval_num_steps,
+        cfg.sampling.eval_guidance_scale, cfg.run.seed))
+    assert second.dtype == np.uint8
+    assert np.abs(second.astype(int) - local[2 * n:].astype(int)).max() <= 1
+    spec = get_reward("shapes_partial")
+    texts = [r.text for r in trainer.eval_prompts for _ in range(n)]
+    expected = spec.summarize(score_frames(spec, np.moveaxis(local / 255.0, -1, -3), texts),
+                              texts)
+    assert summary == expected
