@@ -323,8 +323,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_cleanly_and_resume_goes_on(tm
     """Two real runs. The first cannot write its step-3 checkpoint (the learner's file-size
     limit): it stops with a one-line message, removes the incomplete checkpoint, leaves no
     temporary file and latest.json at step 2. Then a byte of step 2's weights is flipped:
-    `--resume` names the file, falls back to step 1 (buffer rolled back to step 1) and runs
-    to the end, and writes config.yaml only after the checkpoint loaded."""
+    `--resume` (with an override) names the file, falls back to step 1 (buffer rolled back
+    to step 1), runs steps 2 and 3 again to the end, and writes config.yaml, with the
+    override, only after the checkpoint loaded."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="opgrpo")
@@ -349,15 +350,18 @@ def test_a_checkpoint_that_cannot_be_written_stops_cleanly_and_resume_goes_on(tm
         data[len(data) // 2] ^= 0x10
         weights.write_bytes(bytes(data))
         caplog.set_level(logging.INFO, logger="opgrpo.train")
-        _run(_service_config(tmp_path, "train.num_steps=4"), run_dir, resume=True)
+        # the override changes nothing in the run (no evaluation prompts), only config.yaml
+        _run(_service_config(tmp_path, "train.eval_every=50"), run_dir, resume=True)
         assert f"{weights} does not match the sha256" in caplog.text
         assert "resuming from the older checkpoint step1 (step 1)" in caplog.text
         loaded = next(r for r in caplog.records if r.getMessage().startswith("resumed at step 1"))
-        assert _steps(run_dir) == [1, 2, 3, 4]
-        assert json.loads((checkpoints / "latest.json").read_text())["step"] == 4
-        assert durable.verify_checkpoint(checkpoints / "step2")  # written again, whole
+        assert _steps(run_dir) == [1, 2, 3]
+        assert json.loads((checkpoints / "latest.json").read_text())["step"] == 3
+        for step in (2, 3):  # written again, whole
+            assert durable.verify_checkpoint(checkpoints / f"step{step}")["version"] == step
         config_yaml = run_dir / "config.yaml"
-        assert "num_steps: 4" in config_yaml.read_text()
+        assert "eval_every: 50" in config_yaml.read_text()
+        assert "eval_every: 50" not in dump_config(_service_config(tmp_path))
         assert config_yaml.stat().st_mtime >= loaded.created  # after the checkpoint loaded
     finally:
         ray.shutdown()
