@@ -151,6 +151,38 @@ def _nanstat(fn, values: np.ndarray) -> float | None:
     return float(fn(values)) if np.isfinite(values).any() else None
 
 
+GAIN_FRACTIONS = (0.5, 0.75, 0.9, 1.0)
+
+
+def _paired_with_grpo(runs: dict, grpo: dict) -> dict:
+    """Per seed, against the same seed's GRPO run: the steps each needs to reach a fraction of
+    GRPO's gain (its smoothed final minus the base model's accuracy at step 0), their ratio
+    (arm / GRPO; None where the arm never gets there), and the mean difference of the raw
+    eval accuracies over every evaluation after step 0 (the area between the curves)."""
+    fractions: dict = {}
+    for fraction in GAIN_FRACTIONS:
+        per_seed = {}
+        for s, r in runs.items():
+            if s not in grpo:
+                continue
+            g_steps, g_curve = _curve(grpo[s])
+            target = float(g_curve[0] + fraction * (g_curve[-1] - g_curve[0]))
+            g_reach = _first_reach(g_curve, g_steps, target)
+            a_reach = _first_reach(*reversed(_curve(r)), target)
+            per_seed[s] = {"target": target, "grpo_steps": g_reach, "arm_steps": a_reach,
+                           "ratio": (a_reach / g_reach if a_reach and g_reach else None)}
+        fractions[str(fraction)] = per_seed
+    area = {}
+    for s, r in runs.items():
+        if s in grpo:
+            mine = np.array([e["strict"] for e in r["eval"]][1:])
+            theirs = np.array([e["strict"] for e in grpo[s]["eval"]][1:])
+            length = min(len(mine), len(theirs))
+            area[s] = float((mine[:length] - theirs[:length]).mean())
+    return {"steps_to_fraction_of_grpo_gain": fractions,
+            "mean_eval_difference_vs_grpo": area}
+
+
 def report() -> dict:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
                if p.stem in RUNS_DEFINED}
@@ -209,6 +241,7 @@ def report() -> dict:
             for s, r in runs.items():
                 if paired.get(s) is not None:
                     seconds[s] = float(np.nansum(_series(r, "time/iteration")[:paired[s]]))
+            out["arms"][arm].update(_paired_with_grpo(runs, grpo))
             out["arms"][arm].update({
                 "steps_to_grpo_mean_final": reach,
                 "steps_to_same_seed_grpo_final": paired,
