@@ -2,12 +2,12 @@
 temporary file when the disk is full or a file-size limit is hit, checkpoint manifests that
 catch a flipped byte or a truncated file, and a resume that falls back to the previous
 complete checkpoint. Write failures are real: a file-size limit (RLIMIT_FSIZE, which makes
-the kernel fail a write with EFBIG as a full disk fails it with ENOSPC) in a subprocess or a
-learner actor, and a small tmpfs where this machine allows mounting one."""
+the kernel fail a write with EFBIG as a full disk fails it with ENOSPC) in a subprocess (in a
+learner actor of a real run: tests/test_faults.py), and a small tmpfs where this machine allows
+mounting one."""
 
 import errno
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -19,7 +19,6 @@ import pytest
 
 from opgrpo import durable
 from opgrpo.config import build_config, dump_config
-from opgrpo.errors import RunStopped
 from opgrpo.train import Trainer, prune_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,29 +255,9 @@ def test_pruning_keeps_complete_checkpoints_before_incomplete_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step10", "step4", "step8"]
 
 
-# ----- the real service: a checkpoint that cannot be written, then resumes ------------------
-FULL_AT = "step3"  # the checkpoint the limited learner cannot write
-LIMIT = 1 << 20  # bytes; the shapes model has 3.5 M trainable weights, 14 MB in float32
-
-
-def _limited_learner():
-    from learner.worker import LearnerWorker
-
-    class FileSizeLimitedLearner(LearnerWorker):
-        """The real learner, whose process may not write files over LIMIT bytes while it
-        saves the FULL_AT checkpoint (the kernel fails the write with EFBIG)."""
-
-        def save_checkpoint(self, directory: str, tag: str) -> str:
-            if tag != FULL_AT:
-                return super().save_checkpoint(directory, tag)
-            before = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, before[1]))
-            try:
-                return super().save_checkpoint(directory, tag)
-            finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, before)
-
-    return FileSizeLimitedLearner
+# ----- a real service run's config (the refused resume above) ------------------------------
+# A real run whose learner cannot write a checkpoint, and the resume that falls back from a
+# damaged one, share their runs with other faults in tests/test_faults.py.
 
 
 def _service_config(tmp_path, *overrides: str):
@@ -296,72 +275,3 @@ def _service_config(tmp_path, *overrides: str):
         "run": {"name": "durable", "output_dir": str(tmp_path), "seed": 0},
     }
     return build_config(data, list(overrides))
-
-
-def _run(config, run_dir, resume=False, learner=None):
-    import ray
-
-    from opgrpo.train import WorkerClasses
-
-    if learner is not None:
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    trainer = Trainer(config, run_dir, resume=resume,
-                      workers=WorkerClasses(learner=learner) if learner else None)
-    try:
-        return trainer.run()
-    finally:
-        trainer.shutdown()
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
-
-
-@pytest.mark.slow
-def test_a_checkpoint_that_cannot_be_written_stops_cleanly_and_resume_goes_on(tmp_path,
-                                                                               caplog):
-    """Two real runs. The first cannot write its step-3 checkpoint (the learner's file-size
-    limit): it stops with a one-line message, removes the incomplete checkpoint, leaves no
-    temporary file and latest.json at step 2. Then a byte of step 2's weights is flipped:
-    `--resume` (with an override) names the file, falls back to step 1 (buffer rolled back
-    to step 1), runs steps 2 and 3 again to the end, and writes config.yaml, with the
-    override, only after the checkpoint loaded."""
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="opgrpo")
-    run_dir = tmp_path / "durable"
-    checkpoints = run_dir / "checkpoints"
-    try:
-        with pytest.raises(RunStopped) as err:
-            _run(_service_config(tmp_path), run_dir, learner=_limited_learner())
-        message = str(err.value)
-        assert "\n" not in message, message
-        assert f"checkpoint of step 3 could not be written: {checkpoints / 'step3'}" in message
-        assert "too large" in message and "last complete checkpoint is step 2" in message
-        assert f"--resume {run_dir}" in message
-        assert not _tmp_files(run_dir) and not (checkpoints / "step3").exists()
-        assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
-        assert _steps(run_dir) == [1, 2, 3]
-        for step in (1, 2):
-            assert durable.verify_checkpoint(checkpoints / f"step{step}")["version"] == step
-
-        weights = checkpoints / "step2" / "trainable.safetensors"
-        data = bytearray(weights.read_bytes())
-        data[len(data) // 2] ^= 0x10
-        weights.write_bytes(bytes(data))
-        caplog.set_level(logging.INFO, logger="opgrpo.train")
-        # the override changes nothing in the run (no evaluation prompts), only config.yaml
-        _run(_service_config(tmp_path, "train.eval_every=50"), run_dir, resume=True)
-        assert f"{weights} does not match the sha256" in caplog.text
-        assert "resuming from the older checkpoint step1 (step 1)" in caplog.text
-        loaded = next(r for r in caplog.records if r.getMessage().startswith("resumed at step 1"))
-        assert _steps(run_dir) == [1, 2, 3]
-        assert json.loads((checkpoints / "latest.json").read_text())["step"] == 3
-        for step in (2, 3):  # written again, whole
-            assert durable.verify_checkpoint(checkpoints / f"step{step}")["version"] == step
-        config_yaml = run_dir / "config.yaml"
-        assert "eval_every: 50" in config_yaml.read_text()
-        assert "eval_every: 50" not in dump_config(_service_config(tmp_path))
-        assert config_yaml.stat().st_mtime >= loaded.created  # after the checkpoint loaded
-    finally:
-        ray.shutdown()

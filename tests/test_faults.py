@@ -1,6 +1,7 @@
 """Faults injected into the running service (docs/reliability.md): actors killed with SIGKILL in the
 middle of a rollout, a learner rank killed while it trains, Redis stopped, restarted and filled
-up under the run, the driver killed and resumed, the driver stopped with SIGTERM.
+up under the run, a checkpoint that cannot be written and one damaged before a resume, the
+driver killed and resumed, the driver stopped with SIGTERM.
 
 Every run here is compared with one undisturbed reference run of the same config and seed
 (synchronous mode; the asynchronous runs here are compared with it too):
@@ -15,11 +16,13 @@ it injects, in order, and checks everything each fault is known to leave behind.
 """
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -36,11 +39,12 @@ import yaml
 from safetensors.numpy import load_file
 
 from buffer_service.local_server import LocalRedis
+from opgrpo import durable
 from opgrpo import metrics as M
-from opgrpo.config import build_config
+from opgrpo.config import build_config, dump_config
 from opgrpo.errors import RunStopped
 from opgrpo.export import WEIGHTS_FILE
-from opgrpo.train import GROUP_RESTARTS, Trainer, train
+from opgrpo.train import GROUP_RESTARTS, Trainer, WorkerClasses, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -288,37 +292,48 @@ def test_async_with_staleness_1_and_a_killed_rollout_actor(reference, tmp_path):
     assert all((held[k] == learner[k]).all() for k in learner)
 
 
-class RedisOutages(threading.Thread):
-    """Stops the run's redis-server (SIGTERM: it finishes its append-only file) once metrics
-    hold 1 row, and starts it again as soon as the buffer actor is seen waiting for it: a
-    call to the actor does not return within `probe_s`, so the call it is busy with (every
-    call it serves touches Redis) is retrying. Then stops it for good once metrics hold 2
-    rows."""
+class Background(threading.Thread):
+    """`fn()` in a daemon thread; what it raises is kept for the test to report."""
 
-    def __init__(self, trainer: Trainer, server: LocalRedis, probe_s: float = 1.5) -> None:
+    def __init__(self, fn) -> None:
         super().__init__(daemon=True)
-        self.trainer, self.server, self.probe_s = trainer, server, probe_s
-        self.metrics = trainer.run_dir / "metrics.jsonl"
-        self.error: BaseException | None = None
-
-    def _wait_rows(self, n: int, deadline: float) -> None:
-        while len(M.read_rows(self.metrics)) < n:
-            assert time.monotonic() < deadline, f"the run never logged {n} rows"
-            time.sleep(0.05)
+        self.fn, self.error = fn, None
 
     def run(self) -> None:
         try:
-            deadline = time.monotonic() + 600
-            self._wait_rows(1, deadline)
-            self.server.stop()
-            while ray.wait([self.trainer.buffer.identity.remote()], timeout=self.probe_s)[0]:
-                assert time.monotonic() < deadline, "the buffer actor never waited for Redis"
-                time.sleep(0.1)
-            self.server.start()
-            self._wait_rows(2, deadline)
-            self.server.stop()
+            self.fn()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
+
+
+def _wait_for_rows(metrics: Path, done, what: str) -> None:
+    deadline = time.monotonic() + 600
+    while not done(len(M.read_rows(metrics))):
+        assert time.monotonic() < deadline, f"the run never logged {what}"
+        time.sleep(0.05)
+
+
+def _restart_redis_once_waited_for(trainer: Trainer, server: LocalRedis,
+                                   probe_s: float = 1.5) -> None:
+    """Stop the run's redis-server (SIGTERM: it finishes its append-only file) once metrics
+    hold 1 row, and start it again as soon as the buffer actor is seen waiting for it: a call
+    to the actor does not return within `probe_s`, so the call it is busy with (every call it
+    serves touches Redis) is retrying."""
+    _wait_for_rows(trainer.run_dir / "metrics.jsonl", lambda n: n >= 1, "row 1")
+    server.stop()
+    deadline = time.monotonic() + 600
+    while ray.wait([trainer.buffer.identity.remote()], timeout=probe_s)[0]:
+        assert time.monotonic() < deadline, "the buffer actor never waited for Redis"
+        time.sleep(0.1)
+    server.start()
+
+
+def _stop_redis_after_resumed_row(metrics: Path, server: LocalRedis, row: int) -> None:
+    """Stop the redis-server for good once a resumed run, which cut metrics to row - 1 rows
+    when it loaded its checkpoint, logs row `row`."""
+    _wait_for_rows(metrics, lambda n: n == row - 1, f"{row - 1} rows (the resume's cut)")
+    _wait_for_rows(metrics, lambda n: n >= row, f"row {row}")
+    server.stop()
 
 
 def _fill_up_after(server: LocalRedis, checkpoint: Path) -> None:
@@ -335,49 +350,125 @@ def _fill_up_after(server: LocalRedis, checkpoint: Path) -> None:
         client.close()
 
 
-def test_redis_restart_is_waited_for_and_down_too_long_or_full_stops_with_a_checkpoint(
-        reference, tmp_path):
-    """A separate redis-server (password, append-only file) under a run and its resume.
+FULL_AT = "step3"  # the checkpoint the file-size-limited learner cannot write
+LIMIT = 1 << 20  # bytes; the shapes model has 3.5 M trainable weights, 14 MB in float32
 
-    Stopped after step 1 and started again once the buffer actor waits for it: the run waits
-    and goes on with the buffer intact (step 1 counts no outage, step 2 one; steps 1-2 are the
-    reference's). Stopped for good after step 2: past buffer.redis_timeout_s the run writes a
-    checkpoint of the last finished step and stops (RunStopped with the --resume command, no
-    password). Started again, the resume continues to the last step; once its step-3
-    checkpoint is written, Redis hits maxmemory (noeviction): the run writes a learner-only
-    checkpoint of the last logged step and stops with a one-line message naming the refusal
-    (OOM), every step logged once."""
+
+def _limited_learner():
+    from learner.worker import LearnerWorker
+
+    class FileSizeLimitedLearner(LearnerWorker):
+        """The real learner, whose process may not write files over LIMIT bytes while it
+        saves the FULL_AT checkpoint (the kernel fails the write with EFBIG, as a full disk
+        fails it with ENOSPC)."""
+
+        def save_checkpoint(self, directory: str, tag: str) -> str:
+            if tag != FULL_AT:
+                return super().save_checkpoint(directory, tag)
+            before = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, before[1]))
+            try:
+                return super().save_checkpoint(directory, tag)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on
+    return FileSizeLimitedLearner  # the actors' path
+
+
+def test_redis_restart_waited_for_down_full_or_unwritable_checkpoint_stop_cleanly_resume_falls_back(
+        reference, tmp_path, caplog):
+    """A separate redis-server (password, append-only file) under a run and two resumes,
+    checkpoints every step.
+
+    1. The run's learner may not write files over 1 MiB while it saves the step-3 checkpoint.
+       Redis is stopped after step 1 and started again once the buffer actor waits for it:
+       the run waits and goes on with the buffer intact (step 1 counts no outage, step 2
+       one; steps 1-2 are the reference's). The step-3 checkpoint cannot be written: the run
+       stops with a one-line message, removes the incomplete checkpoint, leaves no temporary
+       file and latest.json at step 2; steps 1 and 2 verify.
+    2. A byte of step 2's weights flipped, `--resume` (with an override) names the file,
+       falls back to step 1 (buffer rolled back to step 1: step 2 is the reference's again)
+       and writes config.yaml with the override only after the checkpoint loaded. Redis is
+       stopped for good after its step 2: past buffer.redis_timeout_s the run writes a
+       checkpoint of step 2 (written again, whole) and stops (RunStopped with the --resume
+       command, no password).
+    3. Redis back, the resume continues to the last step; once its step-3 checkpoint is
+       written, Redis hits maxmemory (noeviction): the run writes a learner-only checkpoint
+       of the last logged step and stops with a one-line message naming the refusal (OOM).
+       Every step is logged once.
+    """
+    caplog.set_level(logging.INFO, logger="opgrpo.train")
     with LocalRedis(tmp_path / "redis") as server:
         # redis_timeout_s: more than the restart takes (the probe, then a start), and what
         # the run waits before it stops for Redis down too long
         data = _data(tmp_path, "outages", train={"checkpoint_every": 1},
                      buffer={"redis_url": server.url, "redis_timeout_s": 8.0})
         run_dir = tmp_path / "outages"
+        checkpoints = run_dir / "checkpoints"
         metrics = run_dir / "metrics.jsonl"
-        trainer = Trainer(build_config(data), run_dir)
-        outages = RedisOutages(trainer, server)
-        outages.start()
+        trainer = Trainer(build_config(data), run_dir,
+                          workers=WorkerClasses(learner=_limited_learner()))
+        restart = Background(lambda: _restart_redis_once_waited_for(trainer, server))
+        restart.start()
         try:
-            with pytest.raises(RunStopped, match=r"did not answer.*--resume") as err:
+            with pytest.raises(RunStopped) as unwritable:
                 trainer.run()
         finally:
             trainer.shutdown()
-        outages.join(timeout=60)
-        assert outages.error is None, outages.error
-        assert server.password not in str(err.value)
-        latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+        restart.join(timeout=60)
+        assert restart.error is None, restart.error
         rows = M.read_rows(metrics)
-        assert [r["step"] for r in rows] == list(range(1, latest["step"] + 1))
-        assert 2 <= latest["step"] < STEPS
+        assert [r["step"] for r in rows] == [1, 2, 3]
         first, second = rows[:2]
         assert first[M.BUFFER_OUTAGES] == 0 and second[M.BUFFER_OUTAGES] == 1
         assert second[M.BUFFER_SIZE] >= first[M.BUFFER_SIZE] > 0
         _assert_rows_match(rows, reference["rows"], steps=[1, 2])
+        message = str(unwritable.value)
+        assert "\n" not in message, message
+        assert f"checkpoint of step 3 could not be written: {checkpoints / 'step3'}" in message
+        assert "too large" in message and "last complete checkpoint is step 2" in message
+        assert f"--resume {run_dir}" in message
+        assert not sorted(run_dir.rglob("*.tmp")) and not (checkpoints / "step3").exists()
+        assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
+        for step in (1, 2):
+            assert durable.verify_checkpoint(checkpoints / f"step{step}")["version"] == step
+
+        weights = checkpoints / "step2" / WEIGHTS_FILE
+        flipped = bytearray(weights.read_bytes())
+        flipped[len(flipped) // 2] ^= 0x10
+        weights.write_bytes(bytes(flipped))
+        # the override changes nothing in the run (no evaluation prompts), only config.yaml
+        fallback = Trainer(build_config(copy.deepcopy(data), ["train.eval_every=50"]), run_dir,
+                           resume=True)
+        stop = Background(lambda: _stop_redis_after_resumed_row(metrics, server, 2))
+        stop.start()
+        try:
+            with pytest.raises(RunStopped, match=r"did not answer.*--resume") as err:
+                fallback.run()
+        finally:
+            fallback.shutdown()
+        stop.join(timeout=60)
+        assert stop.error is None, stop.error
+        assert f"{weights} does not match the sha256" in caplog.text
+        assert "resuming from the older checkpoint step1 (step 1)" in caplog.text
+        loaded = next(r for r in caplog.records
+                      if r.getMessage().startswith("resumed at step 1"))
+        config_yaml = run_dir / "config.yaml"
+        assert "eval_every: 50" in config_yaml.read_text()
+        assert "eval_every: 50" not in dump_config(build_config(data))
+        assert config_yaml.stat().st_mtime >= loaded.created  # after the checkpoint loaded
+        assert server.password not in str(err.value)
+        latest = json.loads((checkpoints / "latest.json").read_text())
+        rows = M.read_rows(metrics)
+        assert [r["step"] for r in rows] == list(range(1, latest["step"] + 1))
+        assert latest["step"] == 2  # (< STEPS) Redis went after step 2
+        _assert_rows_match(rows, reference["rows"], steps=[1, 2])
+        assert durable.verify_checkpoint(checkpoints / "step2")["version"] == 2  # whole again
 
         server.start()
         resumed = Trainer(build_config(data), run_dir, resume=True)
-        filler = threading.Thread(target=_fill_up_after, daemon=True, args=(
-            server, run_dir / "checkpoints" / f"step{STEPS - 1}"))
+        filler = Background(lambda: _fill_up_after(server, checkpoints / f"step{STEPS - 1}"))
         filler.start()
         try:
             with pytest.raises(RunStopped) as full:
@@ -385,14 +476,15 @@ def test_redis_restart_is_waited_for_and_down_too_long_or_full_stops_with_a_chec
         finally:
             resumed.shutdown()
             filler.join(timeout=10)
+        assert filler.error is None, filler.error
     message = str(full.value)
-    assert "OOM" in message and "raise maxmemory" in message and "\n" not in message
+    assert "OOM" in message and "raise maxmemory" in message and "\n" not in message, message
     assert "Once it accepts writes again: opgrpo train --resume" in message
     assert server.password not in message
     rows = M.read_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the resume went on
     assert all(math.isfinite(r[M.LOSS_POLICY]) for r in rows)
-    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    latest = json.loads((checkpoints / "latest.json").read_text())
     assert latest["step"] == STEPS  # the last logged step
 
 
