@@ -661,6 +661,10 @@ class Trainer:
         the checkpoint on is drawn again. Returns the step to go on with. Past
         learner.max_group_restarts, or with no checkpoint yet, RunStopped says how to go on."""
         cause = exc.__cause__ if isinstance(exc, LearnerFailed) and exc.__cause__ else exc
+        # a rank that raised: its own exception, not Ray's wrapper (whose first line is the
+        # task's name in terminal colours)
+        if isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
+            cause = cause.cause
         what = f"{exc}: " if isinstance(exc, LearnerFailed) else ""
         failure = f"a learner rank failed at step {step} ({what}{type(cause).__name__}: " + (
             str(cause).strip().splitlines() or [""])[0] + ")"
