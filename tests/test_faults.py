@@ -604,6 +604,8 @@ def test_killed_learner_rank_is_rebuilt_restarts_used_up_stop_and_a_killed_drive
         killer.join(timeout=30)
         assert killer.error is None, killer.error
         assert [k["rows"] for k in killer.killed] == [1], killer.killed
+        now = ray.get(trainer.learners.workers[0].identity.remote())["pid"]
+        assert now != killer.killed[0]["pid"]  # the rebuilt group's rank 0: a new process
         held = ray.get(trainer.rollout.workers[0].weights.remote())
         held_version = ray.get(trainer.rollout.workers[0].ready.remote())
     finally:
