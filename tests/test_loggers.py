@@ -7,6 +7,7 @@ import logging
 import math
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,8 @@ def _wandb_records(run_file: Path):
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, or the LAST chunk of a record
@@ -193,6 +196,13 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (run_file,) = run_dir.glob("run-*.wandb")
     records = _wandb_records(run_file)
+    deadline = time.monotonic() + 30
+    # `finish()` returns once wandb's service has the exit record, and its writer flushes the
+    # file a moment later (seen: a 7-byte file, header only, under load): wait for the exit
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after 30 s"
+        time.sleep(0.2)
+        records = _wandb_records(run_file)
     kinds = [r.WhichOneof("record_type") for r in records]
     (run,) = [r.run for r, k in zip(records, kinds) if k == "run"]
     assert (run.project, run.display_name, run.run_group) == ("opgrpo-test", "lg", "lg")
