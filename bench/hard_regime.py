@@ -26,7 +26,7 @@ not depend on timing; seconds per step are compared only between runs made the s
 
     python bench/hard_regime.py run [--only grpo-s0 ...]    # run/resume what is not done
     python bench/hard_regime.py noise RUN STEP              # eval noise: a checkpoint, 2 seeds
-    python bench/hard_regime.py report                      # JSON + PNG from finished runs
+    python bench/hard_regime.py report [--docs]             # JSON + PNG (+ docs tables)
     python bench/hard_regime.py list
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -183,9 +184,23 @@ def _paired_with_grpo(runs: dict, grpo: dict) -> dict:
             "mean_eval_difference_vs_grpo": area}
 
 
+def finished_results() -> dict:
+    """{run name: its saved result} for every finished run."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+            if p.stem in RUNS_DEFINED}
+
+
 def report() -> dict:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
-               if p.stem in RUNS_DEFINED}
+    """Write the summary JSON and PNG of the finished runs; return the summary."""
+    results = finished_results()
+    out = summarise(results)
+    SUMMARY.write_text(json.dumps(out, indent=2) + "\n")
+    if results:
+        plot(results, SUMMARY.with_suffix(".png"))
+    return out
+
+
+def summarise(results: dict) -> dict:
     out: dict = {"runs_done": sorted(results),
                  "runs_missing": [n for n in RUNS_DEFINED if n not in results],
                  "settings": {"config": CONFIG, "common_overrides": COMMON, "steps": STEPS,
@@ -253,10 +268,86 @@ def report() -> dict:
     noise = RESULTS.parent / "hard_regime_eval_noise.json"
     if noise.is_file():
         out["eval_noise"] = json.loads(noise.read_text())
-    SUMMARY.write_text(json.dumps(out, indent=2) + "\n")
-    if results:
-        plot(results, SUMMARY.with_suffix(".png"))
     return out
+
+
+DOC = ROOT / "docs" / "benchmarks.md"
+BLOCK = re.compile(r"(<!-- hard-regime results -->\n).*?(<!-- /hard-regime results -->)", re.S)
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def results_block(out: dict, results: dict) -> str:
+    """docs/benchmarks.md section 8's tables, made from the finished runs' saved results."""
+    done = [n for n in RUNS_DEFINED if n in results]
+    lines = [f"Finished runs: {len(done)} of {len(RUNS_DEFINED)} "
+             f"({', '.join(f'`{n}`' for n in done) or 'none'}); made by "
+             "`python bench/hard_regime.py report --docs` from "
+             "`bench/results/hard_regime/<run>.json`.", "",
+             "Eval strict accuracy on the hard test prompts (raw, every "
+             f"{EVAL_EVERY} steps from step 0; smoothed final: mean of the last 3):", "",
+             "| run | eval strict accuracy | smoothed final |", "|---|---|---|"]
+    for name in done:
+        curve = " ".join(f"{e['strict']:.3f}".lstrip("0") for e in results[name]["eval"])
+        final = out["per_run"][name]["final_strict_smoothed"]
+        lines.append(f"| `{name}` | {curve} | {final:.3f} |")
+    lines += ["", "Per arm, over its finished seeds (paired with the same seed's GRPO run: "
+              "mean difference of the raw accuracies after step 0):", "",
+              "| arm | seeds | smoothed final, mean +- std | per seed | "
+              "mean difference vs GRPO, per seed |", "|---|---|---|---|---|"]
+    for arm, a in out["arms"].items():
+        per_seed = " / ".join(f"s{s}: {v:.3f}" for s, v in a["final_strict"]["per_seed"].items())
+        diff = a.get("mean_eval_difference_vs_grpo")
+        diff = " / ".join(f"s{s}: {v:+.3f}" for s, v in diff.items()) if diff else "-"
+        lines.append(f"| `{arm}` | {len(a['final_strict']['per_seed'])} | "
+                     f"{a['final_strict']['mean']:.3f} +- {a['final_strict']['std']:.3f} | "
+                     f"{per_seed} | {diff} |")
+    lines += ["", "Steps to reach a fraction of the same seed's GRPO gain (GRPO's smoothed curve "
+              "from step 0 to its final; curves read at the evaluation grid; ratio = arm / GRPO, "
+              "the paper's is 0.342 at the full gain; `-`: not reached in "
+              f"{STEPS} steps):", "",
+              "| arm | seed | 50% | 75% | 90% | 100% |", "|---|---|---|---|---|---|"]
+    for arm, a in out["arms"].items():
+        fractions = a.get("steps_to_fraction_of_grpo_gain")
+        if not fractions:
+            continue
+        for s in fractions[str(GAIN_FRACTIONS[0])]:
+            cells = []
+            for fraction in GAIN_FRACTIONS:
+                c = fractions[str(fraction)][s]
+                arm_steps = "-" if c["arm_steps"] is None else c["arm_steps"]
+                cells.append(f"{arm_steps} vs {c['grpo_steps']} ({_f(c['ratio'], 2)})")
+            lines.append(f"| `{arm}` | {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Training diagnostics per run (means over the steps; replayed groups: those "
+              "that hold a replayed sample):", "",
+              "| run | masked groups | clip fraction all / off-policy | replayed groups whose "
+              "fresh samples alone are masked | replayed groups the replay un-masks | "
+              "w_i mean / max | version lag max | s/step (median) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in done:
+        r = out["per_run"][name]
+        lines.append(
+            f"| `{name}` | {_pct(r['masked_group_fraction_mean'])} | {_f(r['clipfrac'], 4)} / "
+            f"{_f(r['clipfrac_offpolicy'], 4)} | {_pct(r['replay_fresh_masked_fraction'])} | "
+            f"{_pct(r['replay_rescued_fraction'])} | {_f(r['seq_weight_mean'], 4)} / "
+            f"{_f(r['seq_weight_max'], 4)} | {_f(r['version_lag_max'], 0)} | "
+            f"{_f(r['seconds_per_iteration_median'], 1)} |")
+    return "\n".join(lines)
+
+
+def render_doc(out: dict, results: dict) -> str:
+    """docs/benchmarks.md with its hard-regime block regenerated."""
+    text = DOC.read_text()
+    if not BLOCK.search(text):
+        raise ValueError(f"{DOC.name} has no <!-- hard-regime results --> block")
+    return BLOCK.sub(lambda m: m.group(1) + results_block(out, results) + "\n" + m.group(2),
+                     text)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -298,7 +389,9 @@ def main() -> None:
     n = sub.add_parser("noise", help="evaluate one checkpoint with two image seeds")
     n.add_argument("run", choices=list(RUNS_DEFINED))
     n.add_argument("step", type=int)
-    sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
+    r = sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
+    r.add_argument("--docs", action="store_true",
+                   help="also rewrite the results tables of docs/benchmarks.md section 8")
     sub.add_parser("list", help="which runs are finished")
     args = parser.parse_args()
     if args.command == "list":
@@ -313,7 +406,11 @@ def main() -> None:
             if not _finished(name):
                 run_one(name)
                 print(json.dumps(report()["per_run"].get(name)), flush=True)
-    print(json.dumps(report(), indent=2))
+    out = report()
+    if getattr(args, "docs", False):
+        DOC.write_text(render_doc(out, finished_results()))
+        print(f"rewrote the hard-regime tables of {DOC.relative_to(ROOT)}", file=sys.stderr)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

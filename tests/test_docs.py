@@ -11,6 +11,7 @@ import argparse
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,16 @@ def test_cli_help_names_no_file_outside_the_repository():
         bad += [f"{command}: {p!r}" for p in RELATIVE.findall(text)
                 if p.startswith("..") or (p.split("/", 1)[0] in tops and not (REPO / p).exists())]
     assert not bad, "help texts name files outside the repository:\n" + "\n".join(bad)
+
+
+def test_hard_regime_tables_are_the_saved_results():
+    """docs/benchmarks.md section 8's tables are `bench/hard_regime.py report --docs` of the
+    committed per-run results: a finished run added without rewriting them fails here."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import hard_regime
+
+    results = hard_regime.finished_results()
+    rendered = hard_regime.render_doc(hard_regime.summarise(results), results)
+    assert rendered == (REPO / "docs" / "benchmarks.md").read_text(), (
+        "docs/benchmarks.md: hard-regime tables out of date; run "
+        "python bench/hard_regime.py report --docs")
