@@ -57,6 +57,7 @@ bench-async: install
 bench-hard-regime: install
 	test -f configs/shapes/hard_train_metadata.jsonl || $(PY) bench/hard_prompts.py
 	$(PY) bench/hard_regime.py run
+	$(PY) bench/hard_regime.py timing
 	$(PY) bench/hard_regime.py report --docs
 
 # One GPU (80-140 GB), at most 10 minutes: rollout images/s, learner s/update, peak memory per

@@ -26,6 +26,7 @@ not depend on timing; seconds per step are compared only between runs made the s
 
     python bench/hard_regime.py run [--only grpo-s0 ...]    # run/resume what is not done
     python bench/hard_regime.py noise RUN STEP              # eval noise: a checkpoint, 2 seeds
+    python bench/hard_regime.py timing [--arms grpo ...]    # s/step per arm, machine alone
     python bench/hard_regime.py report [--docs]             # JSON + PNG (+ docs tables)
     python bench/hard_regime.py list
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -71,6 +73,38 @@ KEPT = ("reward/mean", "reward/fresh_mean", "reward/replayed_mean", "reward/data
         "buffer/replayed_prompt_fraction", "buffer/replay_fresh_masked_fraction",
         "buffer/replay_rescued_fraction",
         "policy/version_lag_max", "time/iteration")
+
+
+# Timing runs: each arm's accuracy-run settings (seed 0, one torch thread) for TIMING_STEPS steps
+# without evaluations, run one at a time with the machine to themselves; their seconds per step
+# turn the accuracy runs' steps into training wall-clock (the accuracy runs share the machine,
+# so their own clocks are not comparable). Seconds per step: the mean over steps
+# TIMING_SKIP + 1 on (the buffer fills and replay starts in the first steps).
+TIMING_STEPS, TIMING_SKIP = 40, 10
+TIMING_RUNS = RUNS.parent / "hard_regime_timing"
+TIMING_RESULTS = RESULTS.parent / "hard_regime_timing.json"
+
+
+def time_arm(arm: str) -> dict:
+    """One timing run of `arm` (or its saved result): seconds per training step."""
+    saved = json.loads(TIMING_RESULTS.read_text()) if TIMING_RESULTS.is_file() else {}
+    if arm in saved:
+        return saved[arm]
+    name = f"time-{arm}"
+    overrides = [*COMMON, "run.seed=0", *ARMS[arm], f"run.name={name}",
+                 f"run.output_dir={TIMING_RUNS.relative_to(ROOT)}",
+                 f"train.num_steps={TIMING_STEPS}", "train.eval_prompts_file=null",
+                 f"train.checkpoint_every={TIMING_STEPS}"]
+    if (TIMING_RUNS / name).exists():  # a timing run is not resumed: a resume is not steady
+        shutil.rmtree(TIMING_RUNS / name)
+    train_or_resume(ROOT, TIMING_RUNS / name, CONFIG, overrides)
+    rows = read_rows(TIMING_RUNS / name / "metrics.jsonl")
+    steady = np.array([r["time/iteration"] for r in rows[TIMING_SKIP:]], dtype=float)
+    result = {"overrides": overrides, "steps": len(rows), "steps_averaged": len(steady),
+              "mean_s_per_step": float(steady.mean()), "std_s_per_step": float(steady.std())}
+    saved[arm] = result
+    TIMING_RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    return result
 
 
 def _finished(name: str) -> bool:
@@ -268,7 +302,28 @@ def summarise(results: dict) -> dict:
     noise = RESULTS.parent / "hard_regime_eval_noise.json"
     if noise.is_file():
         out["eval_noise"] = json.loads(noise.read_text())
+    if TIMING_RESULTS.is_file() and grpo:
+        out["timing"] = json.loads(TIMING_RESULTS.read_text())
+        out["train_seconds_to_same_seed_grpo_final"] = _wall_clock(out, grpo)
     return out
+
+
+def _wall_clock(out: dict, grpo: dict) -> dict:
+    """Per arm and seed: steps to the same seed's GRPO final accuracy (GRPO: its own first
+    evaluation there) x the arm's seconds per step from its timing run; None where not
+    reached or not timed."""
+    per_step = {arm: t["mean_s_per_step"] for arm, t in out["timing"].items()}
+    wall: dict = {}
+    for arm, a in out["arms"].items():
+        if arm not in per_step:
+            continue
+        if arm == "grpo":
+            steps = {s: _first_reach(*reversed(_curve(r)), _curve(r)[1][-1])
+                     for s, r in grpo.items()}
+        else:
+            steps = a.get("steps_to_same_seed_grpo_final", {})
+        wall[arm] = {s: (None if n is None else n * per_step[arm]) for s, n in steps.items()}
+    return wall
 
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -338,6 +393,19 @@ def results_block(out: dict, results: dict) -> str:
             f"{_pct(r['replay_rescued_fraction'])} | {_f(r['seq_weight_mean'], 4)} / "
             f"{_f(r['seq_weight_max'], 4)} | {_f(r['version_lag_max'], 0)} | "
             f"{_f(r['seconds_per_iteration_median'], 1)} |")
+    if "timing" in out:
+        lines += ["", "Training wall-clock to the same seed's GRPO final accuracy: steps to it x "
+                  f"the arm's seconds per step from a timing run (seed 0, {TIMING_STEPS} steps, "
+                  f"mean of steps {TIMING_SKIP + 1}-{TIMING_STEPS}, one torch thread, alone on "
+                  "the machine; evaluations excluded):", "",
+                  "| arm | s/step (timing run) | training seconds to GRPO's final, per seed |",
+                  "|---|---|---|"]
+        for arm, t in out["timing"].items():
+            wall = out["train_seconds_to_same_seed_grpo_final"].get(arm, {})
+            cells = " / ".join(f"s{s}: {'-' if v is None else f'{v:.0f}'}"
+                               for s, v in wall.items()) or "-"
+            lines.append(f"| `{arm}` | {t['mean_s_per_step']:.2f} +- "
+                         f"{t['std_s_per_step']:.2f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -392,6 +460,8 @@ def main() -> None:
     r = sub.add_parser("report", help="write the summary JSON and PNG from finished runs")
     r.add_argument("--docs", action="store_true",
                    help="also rewrite the results tables of docs/benchmarks.md section 8")
+    t = sub.add_parser("timing", help="seconds per step of each arm (run alone on the machine)")
+    t.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     sub.add_parser("list", help="which runs are finished")
     args = parser.parse_args()
     if args.command == "list":
@@ -401,6 +471,9 @@ def main() -> None:
     if args.command == "noise":
         print(json.dumps(eval_noise(args.run, args.step), indent=2))
         return
+    if args.command == "timing":
+        for arm in args.arms:
+            print(json.dumps({arm: time_arm(arm)}), flush=True)
     if args.command == "run":
         for name in args.only or list(RUNS_DEFINED):
             if not _finished(name):
