@@ -223,11 +223,24 @@ class BufferService:
         with self._busy():
             entries = self._redis("sample the buffer", lambda: self.store.sample(
                 n, step, random.Random(seed), validate=self._check_payload))
-            meta = [{"prompt_key": e.prompt_key,
-                     "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
-                     "reward": e.reward, "insert_step": e.insert_step,
-                     "version": e.weight_version} for e in entries]
+            return self._described(entries)
+
+    @staticmethod
+    def _described(entries: list[StoredEntry]) -> tuple[list[dict], list[bytes]]:
+        meta = [{"prompt_key": e.prompt_key,
+                 "prompt": e.prompt or decode_trajectories(e.payload)[0].prompt,
+                 "reward": e.reward, "insert_step": e.insert_step,
+                 "version": e.weight_version} for e in entries]
         return meta, [e.payload for e in entries]
+
+    def lookup(self, wanted: list[tuple[str, float]], n: int,
+               step: int) -> tuple[list[dict], list[bytes]]:
+        """`buffer.replay_draw: rescue`: the entries of the wanted prompts rewarded above their
+        bounds (`store.lookup`), as `sample` returns them (call with num_returns=2)."""
+        with self._busy():
+            entries = self._redis("look up buffer entries", lambda: self.store.lookup(
+                [(str(k), float(a)) for k, a in wanted], n, step, validate=self._check_payload))
+            return self._described(entries)
 
     def evict_expired(self, step: int) -> int:
         with self._busy():

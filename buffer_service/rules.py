@@ -42,6 +42,11 @@ Replay draw (``buffer.replay_draw``). Which stored entries a step replays:
   keys ``u ** (1 / w)`` over the candidates sorted by prompt key, so the draw depends only on
   the stored state and the rng. The floor keeps solved prompts drawable (their entries still
   age and decay as usual); ``floor = 1`` draws uniformly.
+- ``rescue``: nothing is drawn before the rollout. Once a step's fresh groups are scored, each
+  group whose fresh rewards are all equal (masked) asks for its own prompt's entry; an entry
+  whose reward is above the group's common reward (`lookup`) is replayed into that group in
+  place of one fresh sample, so every replay lands where it un-masks a group. At most the step's
+  replay budget (rho x prompts per step) groups are rescued, in group order.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 REPLAYED_WINNERS = ("keep_age", "exclude")  # choices of buffer.replayed_winners
-REPLAY_DRAWS = ("uniform", "fail_rate")  # choices of buffer.replay_draw
+REPLAY_DRAWS = ("uniform", "fail_rate", "rescue")  # choices of buffer.replay_draw
 
 
 def _check_gamma(gamma: float, name: str = "gamma") -> None:
@@ -453,6 +458,22 @@ class ReplayBufferRules:
         else:
             chosen = rng.sample(candidates, min(n, len(candidates)))
         return [self._entries[key] for key in chosen]
+
+    def lookup(self, wanted: list[tuple[str, float]], n: int, step: int) -> list[BufferEntry]:
+        """For ``replay_draw = "rescue"``: up to ``n`` entries among ``wanted`` (prompt key, the
+        reward its entry must exceed), in that order, each present, not expired at ``step`` and
+        rewarded strictly above its bound. Like `sample`, it does not evict."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._advance_to(step)
+        chosen: list[BufferEntry] = []
+        for key, above in wanted:
+            if len(chosen) == n:
+                break
+            entry = self._entries.get(key)
+            if entry is not None and not self._is_expired(key, step) and entry.reward > above:
+                chosen.append(entry)
+        return chosen
 
     # ----- internals -----------------------------------------------------------------------
 

@@ -487,6 +487,31 @@ class RedisBufferStore:
                 chosen.append(entry)
         return chosen
 
+    def lookup(self, wanted: list[tuple[str, float]], n: int, step: int,
+               validate: Callable[[StoredEntry], None] | None = None) -> list[StoredEntry]:
+        """Up to n entries among `wanted` (prompt key, the reward its entry must exceed), in
+        that order, as `ReplayBufferRules.lookup`; a damaged entry is evicted and counted, as in
+        `sample`."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        chosen: list[StoredEntry] = []
+        for key, above in wanted:
+            if len(chosen) == n:
+                break
+            try:
+                entry = self.get(key)
+                if entry is not None and validate is not None:
+                    validate(entry)
+            except ValueError as exc:
+                self.discard_corrupt(key, str(exc))
+                continue
+            if entry is None or entry.reward <= above:
+                continue
+            if self.max_age is not None and step - entry.insert_step > self.max_age:
+                continue
+            chosen.append(entry)
+        return chosen
+
     def discard_corrupt(self, prompt_key: str, reason: str) -> None:
         """Evict a damaged entry for good (it is not kept for rollback) and count it."""
         log.warning("buffer entry %r is damaged and was evicted: %s", prompt_key, reason)

@@ -227,12 +227,15 @@ class BufferConfig(_Section):
         "offers it as old as its buffer prefix (stored with the prefix's insert step, so decay "
         "and max_age count from there and replay cannot reset them; rejected if the prefix is "
         "past max_age); `exclude` admits nothing for that group.")
-    replay_draw: Literal["uniform", "fail_rate"] = Field(
+    replay_draw: Literal["uniform", "fail_rate", "rescue"] = Field(
         "uniform", description="Which entries a step replays: `uniform` (the paper's) over the "
         "non-expired entries; `fail_rate` without replacement with weight max(replay_draw_floor, "
         "1 - s), s = the prompt's latest fresh success rate (mean fresh reward / winner reward of "
         "its last group offered to the buffer, clipped to [0, 1]), so prompts the policy rarely "
-        "solves, where a replayed success un-masks its group, come back more often.")
+        "solves, where a replayed success un-masks its group, come back more often; `rescue` "
+        "draws nothing before the rollout: after scoring, a group whose fresh rewards are all "
+        "equal gets its own prompt's stored entry, if rewarded higher, in place of one fresh "
+        "sample (at most off_policy_fraction x prompts_per_step groups per step).")
     replay_draw_floor: float = Field(
         0.05, description="fail_rate: draw weight of a prompt the policy always solves, in "
         "(0, 1] (1 = uniform).")

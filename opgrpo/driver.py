@@ -130,7 +130,9 @@ class Iteration:
     def launch(self, step: int, dataset: list[PromptRecord], version: int) -> Rollout:
         cfg = self.config
         group, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
-        n_replay = replay_count(cfg.buffer.off_policy_fraction, n_prompts, cfg.run.seed, step)
+        n_replay = (0 if cfg.buffer.replay_draw == "rescue"  # chosen after scoring: `rescue`
+                    else replay_count(cfg.buffer.off_policy_fraction, n_prompts, cfg.run.seed,
+                                      step))
         replay_meta, payload_ref = [], None
         if n_replay:
             meta_ref, payload_ref = self.buffer.sample.options(num_returns=2).remote(
@@ -165,6 +167,47 @@ class Iteration:
             self._add_chunk(out, refs, [r.text for r in replayed])
             out.samples += replayed_samples(c, replay_meta)
         return out
+
+    def rescue(self, rollout: Rollout, step: int, version: int, timeout_s: float) -> int:
+        """`buffer.replay_draw: rescue`, once the fresh groups are scored (`score`): each masked
+        group (its finite fresh rewards all equal), in group order, asks the buffer for its own
+        prompt's entry rewarded above that common reward; at most the step's replay budget
+        (`replay_count`) get one. Its tail is redrawn by the current weights with the seed of
+        the group's last fresh sample, which it replaces in `rollout.samples` (the group keeps
+        its size; the replaced trajectory is not trained on). Returns the number of groups
+        rescued; their chunk is launched, and `score` must run again."""
+        cfg = self.config
+        budget = replay_count(cfg.buffer.off_policy_fraction, cfg.rollout.prompts_per_step,
+                              cfg.run.seed, step)
+        fresh = _fresh_rewards(rollout.samples)
+        wanted = [(record.key, fresh[g][0]) for g, record in enumerate(rollout.prompts)
+                  if fresh.get(g) and max(fresh[g]) == min(fresh[g])]
+        if not budget or not wanted:
+            return 0
+        meta_ref, payload_ref = self.buffer.lookup.options(num_returns=2).remote(
+            wanted, budget, step)
+        meta = get_within(meta_ref, timeout_s, f"buffer actor: rescue lookup of step {step}",
+                          "train.step_timeout_s")
+        if not meta:
+            return 0
+        group_of = {record.key: g for g, record in enumerate(rollout.prompts)}
+        last = {}  # group -> position in rollout.samples of its last fresh sample
+        for k, sample in enumerate(rollout.samples):
+            if not sample.replayed:
+                last[sample.group] = k
+        groups = [group_of[m["prompt_key"]] for m in meta]
+        seeds = [trajectory_seed(cfg.run.seed, step, m["prompt_key"], cfg.rollout.group_size - 1)
+                 for m in meta]
+        c = len(rollout.trajectories)
+        refs = self.rollout.worker(c).regenerate.options(num_returns=3).remote(
+            payload_ref, cfg.truncate_step, seeds, version)
+        self._add_chunk(rollout, refs, [m["prompt"] for m in meta])
+        replaced = {last[g] for g in groups}
+        rollout.samples = [s for k, s in enumerate(rollout.samples) if k not in replaced] + [
+            SampleInfo(c, i, g, m["prompt_key"], True, int(m["version"]),
+                       prefix_insert_step=int(m["insert_step"]))
+            for i, (g, m) in enumerate(zip(groups, meta))]
+        return len(meta)
 
     def _add_chunk(self, out: Rollout, refs, texts: list[str]) -> None:
         trajs, images, meta = refs

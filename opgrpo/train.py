@@ -887,6 +887,12 @@ class Trainer:
                     rollout.wait_drawn(self.config.train.step_timeout_s)
                 with timed("reward", timings):  # a lost chunk's error surfaces in its reward
                     reward_means = score(rollout, self.config.train.step_timeout_s)
+                if self.config.buffer.replay_draw == "rescue":
+                    with timed("rescue", timings):  # replays into the masked groups
+                        timeout = self.config.train.step_timeout_s
+                        if iteration.rescue(rollout, step, self.version, timeout):
+                            rollout.wait_drawn(timeout)
+                            reward_means = score(rollout, timeout)
                 too_old = min(s.rollout_version for s in rollout.samples)
                 if too_old < oldest:  # the schedule rules it out; never train on it
                     raise StaleWeights(f"step {step}: a chunk was drawn by weight version "

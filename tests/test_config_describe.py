@@ -20,7 +20,8 @@ def test_describe_a_section(capsys):
     assert keys["buffer.off_policy_fraction"] == (
         "buffer.off_policy_fraction: float (>= 0, < 1) = 0.125")
     assert "    Fraction rho of prompts from the buffer (0 = on-policy)." in out
-    assert keys["buffer.replay_draw"] == 'buffer.replay_draw: uniform | fail_rate = "uniform"'
+    assert keys["buffer.replay_draw"] == (
+        'buffer.replay_draw: uniform | fail_rate | rescue = "uniform"')
     assert keys["buffer.max_age"] == "buffer.max_age: int | null (>= 1) = null"
     assert all(key.startswith("buffer.") for key in keys)
     assert set(keys) == {f"buffer.{name}" for name in Config.model_fields["buffer"]

@@ -222,6 +222,32 @@ def test_store_skips_a_damaged_entry_in_the_weighted_draw_order(make_store, serv
     assert not server.hexists(store._rates, damaged)
 
 
+# ----- (6) `rescue`: a masked group asks for its own prompt's entry ---------------------------
+
+
+@pytest.mark.parametrize("backend", ["rules", "redis"])
+def test_lookup_returns_wanted_entries_rewarded_above_their_bounds(make_store, server, backend):
+    rules, kwargs = _both(max_age=5, replay_draw="rescue")
+    buf = rules if backend == "rules" else make_store(**kwargs)
+    extra = () if backend == "rules" else (b"payload",)
+    for key, reward, step in [("old", 1.0, 0), ("a", 1.0, 4), ("b", 0.5, 4), ("c", 0.8, 5)]:
+        buf.admit(key, reward, 1.0, step, step, *extra)
+    wanted = [("old", 0.0), ("b", 0.5), ("missing", 0.0), ("c", 0.0), ("a", 0.2)]
+    assert _keys(buf.lookup([("old", 0.0)], 1, 5)) == ["old"]  # not expired yet at step 5
+    # "old" is past max_age at step 6, "b" is not above its bound, "missing" is not stored
+    assert _keys(buf.lookup(wanted, 5, 6)) == ["c", "a"]  # in the order asked
+    assert _keys(buf.lookup(wanted, 1, 6)) == ["c"]  # at most n
+    assert _keys(buf.lookup(wanted, 0, 6)) == []
+    stored = [e.prompt_key for e in buf.entries()] if backend == "rules" else buf.keys()
+    assert sorted(stored) == ["a", "b", "c", "old"]  # a lookup evicts nothing
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        buf.lookup(wanted, -1, 6)
+    if backend == "redis":  # a damaged entry is evicted, counted and skipped
+        server.hset(buf._entry_key("c"), "payload", b"changed")
+        assert _keys(buf.lookup(wanted, 5, 6)) == ["a"]
+        assert buf.stats()["corrupted"] == 1 and "c" not in buf.keys()  # noqa: SIM118
+
+
 # ----- (4) every offer of a stored prompt updates its rate -----------------------------------
 
 
@@ -459,8 +485,9 @@ def test_replay_group_metrics():
 def test_config_validation():
     assert BufferConfig().replay_draw == "uniform" and BufferConfig().replay_draw_floor == 0.05
     assert BufferConfig(replay_draw="fail_rate", replay_draw_floor=1.0).replay_draw_floor == 1.0
-    with pytest.raises(ConfigError, match=r"buffer.replay_draw: Input should be 'uniform' or "
-                                          r"'fail_rate'"):
+    assert BufferConfig(replay_draw="rescue").replay_draw == "rescue"
+    with pytest.raises(ConfigError, match=r"buffer.replay_draw: Input should be 'uniform', "
+                                          r"'fail_rate' or 'rescue'"):
         build_config({"buffer": {"replay_draw": "greedy"}}, [], source="test")
     for bad in (0, -0.1, 1.5, "nan"):
         with pytest.raises(ConfigError, match=r"buffer.replay_draw_floor: .*must be in \(0, 1\]"):

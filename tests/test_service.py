@@ -107,6 +107,55 @@ def _check_three_rows(rows, mode: str, updates: int) -> None:
     assert np.isnan(rows[0][M.BUFFER_REPLAY_FRESH_MASKED_FRACTION])
 
 
+def test_rescue_replays_a_stored_success_into_a_group_that_failed_whole(ray_session, tmp_path):
+    """`buffer.replay_draw: rescue`: nothing is replayed before the rollout; step 1 stores its
+    one success (scripted reward); at step 2 both fresh groups fail whole, and the group of the
+    stored prompt gets the stored trajectory (its prefix kept, the tail redrawn) in place of its
+    last fresh sample, while the other group, with nothing stored, stays masked."""
+    from opgrpo.trajectory import decode_trajectories
+
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    config = _config(tmp_path, rollout={"num_actors": 1, "prompts_per_step": 2},
+                     reward={"functions": {"tests.scripted_reward:FirstThenSingles": 1.0}},
+                     buffer={"off_policy_fraction": 0.5, "replay_draw": "rescue"},
+                     learner={"num_ranks": 1}, train={"mode": "sync", "prompts_file": str(prompts)},
+                     run={"name": "rescue"})
+    trainer = Trainer(config, tmp_path / "rescue")
+    try:
+        trainer.prepare()
+        iteration = Iteration(trainer.config, trainer.rollout, trainer.rewards, trainer.buffer)
+        first = trainer.step(iteration, 1)
+        assert first[M.BUFFER_REPLAYED_FRACTION] == 0 and first[M.BUFFER_SIZE] == 1
+        rollout, _ = trainer._rollout_and_score(iteration, 2, {})  # what step 2 will train on
+        samples = rollout.samples
+        assert sorted(s.group for s in samples) == [0, 0, 0, 0, 1, 1, 1, 1]  # sizes kept
+        (replay,) = [s for s in samples if s.replayed]
+        stored_meta, payload = trainer.buffer.lookup.options(num_returns=2).remote(
+            [(replay.prompt_key, 0.0)], 1, 2)
+        (meta,) = ray.get(stored_meta)
+        (stored,) = decode_trajectories(ray.get(payload)[0])
+        assert (replay.reward, replay.prefix_insert_step, replay.behaviour_version) == (
+            1.0, meta["insert_step"], meta["version"]) == (1.0, 1, 0)
+        fresh = [s for s in samples if s.group == replay.group and not s.replayed]
+        assert len(fresh) == 3 and all(s.reward == 0.0 for s in fresh)
+        assert replay.index not in {s.index for s in fresh if s.chunk == replay.chunk}
+        (mixed,) = ray.get(rollout.trajectories[replay.chunk])
+        k = trainer.config.truncate_step
+        assert mixed.replayed and mixed.prompt_key == replay.prompt_key
+        np.testing.assert_array_equal(mixed.latents[: k + 1], stored.latents[: k + 1])
+        assert mixed.off_policy_mask[:k].all() and not mixed.off_policy_mask[k:].any()
+        second = trainer.step(iteration, 2)  # drawn again from the same seeds, and trained
+    finally:
+        trainer.shutdown()
+    assert second[M.BUFFER_REPLAYED_FRACTION] == 0.5
+    assert second[M.BUFFER_REPLAY_FRESH_MASKED_FRACTION] == 1.0
+    assert second[M.BUFFER_REPLAY_RESCUED_FRACTION] == 1.0
+    assert second[M.ADV_MASKED_FRACTION] == 0.5  # the group with nothing stored
+    assert second[M.REWARD_REPLAYED_MEAN] == 1.0 and np.isfinite(second[M.LOSS_TOTAL])
+    assert second["time/rescue"] > 0
+
+
 def test_three_steps_end_to_end_zero3_async(ray_session, tmp_path):
     """ZeRO-3, two optimizer steps per pass, async mode (max_staleness 1), the driver's steps
     one by one: after each, both rollout actors hold the learner's weights although no push
