@@ -52,8 +52,8 @@ bench-async: install
 	$(PY) bench/async_pipeline.py run
 	$(PY) bench/async_pipeline.py report
 
-# OP-GRPO where whole groups fail (docs/benchmarks.md section 8; ~1 h per run, 15 runs,
-# resumable): the hard prompt sets, then GRPO / OP-GRPO / none / naive / replay-where-needed
+# OP-GRPO where whole groups fail (docs/benchmarks.md section 8; ~1 h per run, 16 runs,
+# resumable): the hard prompt sets, then GRPO / OP-GRPO / rescue / none / naive (+ need)
 bench-hard-regime: install
 	test -f configs/shapes/hard_train_metadata.jsonl || $(PY) bench/hard_prompts.py
 	$(PY) bench/hard_regime.py run
