@@ -1,7 +1,7 @@
-"""bench/gpu_check.py on the CPU: every part runs on a tiny model (the Ray service part too) and
-gives finite, sensible numbers; the random SD3.5-M-layout pipeline it builds for GPUs (shrunk
-to tiny sizes here) runs the same parts; without Ray the service part is reported as skipped
-and the other parts still run; asking for CUDA without a GPU is refused.
+"""bench/gpu_check.py on the CPU: the random SD3.5-M-layout pipeline it builds for GPUs (shrunk
+to tiny sizes here) runs every part (the Ray service part too) and gives finite, sensible
+numbers; a local model directory builds; without Ray the service part is reported as skipped
+and the run still succeeds; asking for CUDA without a GPU is refused.
 
 The script runs in a subprocess: its learner joins a torch.distributed process group, which is
 global to a process.
@@ -25,13 +25,14 @@ MEASURED = ("build", "rollout", "learner_setup", "weight_push", "on_policy", "le
 SMALL = ["--device", "cpu", "--size", "32", "--steps", "4", "--batch", "4", "--learner-batch",
          "2", "--rollout-batches", "1", "--updates", "1", "--push-repeats", "2"]
 
-# Run the script with Ray not importable (`import ray` fails, find_spec("ray") is None), and
-# with SD3.5-M's component configs shrunk to tiny sizes of the same layout: the random
-# pipeline is built as on a GPU (same classes, dual attention, RMS q/k norm, T5, 16-channel
-# VAE), only smaller.
-_NO_RAY_SHRUNK = textwrap.dedent("""
+# Run the script with SD3.5-M's component configs shrunk to tiny sizes of the same layout: the
+# random pipeline is built as on a GPU (same classes, dual attention, RMS q/k norm, T5,
+# 16-channel VAE), only smaller. First argument "no-ray": Ray is not importable (`import ray`
+# fails, find_spec("ray") is None).
+_SHRUNK = textwrap.dedent("""
     import sys
-    sys.modules["ray"] = None
+    if sys.argv.pop(1) == "no-ray":
+        sys.modules["ray"] = None
     sys.path.insert(0, sys.argv[1])
     import gpu_check as g
     g.CLIP_L = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
@@ -98,12 +99,18 @@ def _check_measurements(parts: dict) -> None:
     assert rollout["peak_allocated_GiB"] is None and learner["peak_allocated_GiB"] is None
 
 
-def test_all_parts_on_a_tiny_model_on_cpu(tiny_sd3_dir, tmp_path):
+def test_all_parts_on_the_random_sd35m_layout_shrunk_on_cpu(tmp_path):
+    """What `make gpu-check` runs on a GPU, on the CPU at tiny sizes: every part, the Ray
+    service part (on its own tiny SD3 model) included."""
     out = tmp_path / "gpu_check.json"
-    proc = _run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_sd3_dir), *SMALL,
+    proc = _run([sys.executable, "-c", _SHRUNK, "ray", str(REPO / "bench"), *SMALL,
                  "--out", str(out)])
     result = _result(proc, out)
+    assert result["model"].startswith("SD3.5-Medium sizes")
     _check_measurements(result["parts"])
+    params = result["parts"]["build"]["parameters"]
+    assert set(params) == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
+                           "vae"}
     assert result["device"]["type"] == "cpu"
     for name in ("torch", "diffusers", "deepspeed"):
         assert result["versions"][name]
@@ -117,16 +124,21 @@ def test_all_parts_on_a_tiny_model_on_cpu(tiny_sd3_dir, tmp_path):
     assert "part on_policy: ok" in proc.stdout  # progress lines as it goes
 
 
-def test_random_sd35m_layout_without_ray_skips_the_service(tmp_path):
+def test_a_model_directory_builds_and_without_ray_the_service_is_skipped(tiny_sd3_dir,
+                                                                         tmp_path):
+    """`--model-dir` loads a local diffusers pipeline in the run's dtypes; without Ray the
+    service part says why it is skipped and the run still succeeds."""
     out = tmp_path / "gpu_check.json"
-    proc = _run([sys.executable, "-c", _NO_RAY_SHRUNK, str(REPO / "bench"), *SMALL,
+    proc = _run([sys.executable, "-c", _SHRUNK, "no-ray", str(REPO / "bench"), *SMALL,
+                 "--model-dir", str(tiny_sd3_dir), "--parts", "build", "service",
                  "--out", str(out)])
     result = _result(proc, out)
-    assert result["model"].startswith("SD3.5-Medium sizes")
-    _check_measurements(result["parts"])
-    params = result["parts"]["build"]["parameters"]
-    assert set(params) == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
-                           "vae"}
+    assert result["model"] == f"local diffusers directory {tiny_sd3_dir}"
+    build = result["parts"]["build"]
+    assert build["status"] == "ok", build
+    assert build["component_dtypes"]["transformer"] == "torch.bfloat16"
+    assert build["component_dtypes"]["vae"] == "torch.float32"
+    assert all(result["parts"][name]["status"] == "skipped" for name in MEASURED[1:])
     service = result["parts"]["service"]
     assert service["status"] == "skipped" and "Ray is not installed" in service["reason"]
     assert "Ray is not installed" in proc.stdout
