@@ -476,16 +476,23 @@ class RedisBufferStore:
         for key in candidates:
             if len(chosen) == n:
                 break
-            try:
-                entry = self.get(key)
-                if entry is not None and validate is not None:
-                    validate(entry)
-            except ValueError as exc:
-                self.discard_corrupt(key, str(exc))
-                continue
+            entry = self._intact(key, validate)
             if entry is not None:
                 chosen.append(entry)
         return chosen
+
+    def _intact(self, key: str,
+                validate: Callable[[StoredEntry], None] | None) -> StoredEntry | None:
+        """The entry of `key` (None if absent); a damaged one (CorruptEntry from parsing, or
+        any ValueError from `validate`) is evicted, counted, and None is returned."""
+        try:
+            entry = self.get(key)
+            if entry is not None and validate is not None:
+                validate(entry)
+        except ValueError as exc:
+            self.discard_corrupt(key, str(exc))
+            return None
+        return entry
 
     def lookup(self, wanted: list[tuple[str, float]], n: int, step: int,
                validate: Callable[[StoredEntry], None] | None = None) -> list[StoredEntry]:
@@ -498,13 +505,7 @@ class RedisBufferStore:
         for key, above in wanted:
             if len(chosen) == n:
                 break
-            try:
-                entry = self.get(key)
-                if entry is not None and validate is not None:
-                    validate(entry)
-            except ValueError as exc:
-                self.discard_corrupt(key, str(exc))
-                continue
+            entry = self._intact(key, validate)
             if entry is None or entry.reward <= above:
                 continue
             if self.max_age is not None and step - entry.insert_step > self.max_age:
