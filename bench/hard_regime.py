@@ -427,11 +427,13 @@ def render_doc(out: dict, results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Per arm: the seed-mean smoothed eval curve with the seeds' min-max band; and the
-    masked-group fraction over training."""
+    """Per arm: the seed-mean smoothed eval curve with the seeds' min-max band; the smoothed
+    curve minus the same seed's GRPO curve (paired, so seeds that start apart do not mix into
+    the comparison); and the masked-group fraction over training."""
     from plotting import figure, save
 
-    fig, axes = figure(2, figsize=(13, 4.5))
+    fig, axes = figure(3, figsize=(19, 4.5))
+    axes[1].axhline(0.0, color="C0", lw=1)
     for k, arm in enumerate(ARMS):
         runs = [results[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in results]
         if not runs:
@@ -443,15 +445,27 @@ def plot(results: dict, path: Path) -> None:
         axes[0].plot(steps, curves.mean(0), color=colour, marker="o", ms=3,
                      label=f"{arm} ({len(runs)} seeds)")
         axes[0].fill_between(steps, curves.min(0), curves.max(0), color=colour, alpha=0.15)
+        paired = [(_curve(results[f"{arm}-s{s}"])[1], _curve(results[f"grpo-s{s}"])[1])
+                  for s in SEEDS if arm != "grpo" and f"{arm}-s{s}" in results
+                  and f"grpo-s{s}" in results]
+        if paired:
+            n = min(min(len(a), len(g)) for a, g in paired)
+            diffs = np.array([a[:n] - g[:n] for a, g in paired])
+            axes[1].plot(steps[:n], diffs.mean(0), color=colour, marker="o", ms=3,
+                         label=f"{arm} ({len(paired)} seeds)")
+            axes[1].fill_between(steps[:n], diffs.min(0), diffs.max(0), color=colour,
+                                 alpha=0.15)
         masked = np.array([_series(r, "adv/masked_fraction")[:min(r["steps"] for r in runs)]
                            for r in runs])
         window = 25
         smooth = np.array([np.nanmean(masked[:, max(0, i - window + 1): i + 1])
                            for i in range(masked.shape[1])])
-        axes[1].plot(np.arange(1, len(smooth) + 1), smooth, color=colour, label=arm)
+        axes[2].plot(np.arange(1, len(smooth) + 1), smooth, color=colour, label=arm)
     axes[0].set(title="hard test prompts: strict accuracy (3-eval trailing mean; band: seeds)",
                 xlabel="training step", ylabel="eval strict accuracy")
-    axes[1].set(title="masked (all-equal) groups, 25-step mean over seeds",
+    axes[1].set(title="minus the same seed's GRPO (smoothed; band: seeds)",
+                xlabel="training step", ylabel="accuracy difference")
+    axes[2].set(title="masked (all-equal) groups, 25-step mean over seeds",
                 xlabel="training step", ylabel="fraction of groups")
     save(fig, axes, path, legend_size=8)
 
