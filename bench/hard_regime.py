@@ -296,8 +296,9 @@ def summarise(results: dict) -> dict:
             grpo_own = {s: _first_reach(*reversed(_curve(grpo[s])), _curve(grpo[s])[1][-1])
                         for s in paired}
             ratios = [(STEPS if n is None else n) / grpo_own[s] for s, n in paired.items()]
-            final = {n: r["final_strict_smoothed"] for n, r in out["per_run"].items()}
-            final_gap = {s: final[f"{arm}-s{s}"] - final[f"grpo-s{s}"] for s in runs if s in grpo}
+            final_gap = {s: out["arms"][arm]["final_strict"]["per_seed"][s]
+                         - out["arms"]["grpo"]["final_strict"]["per_seed"][s]
+                         for s in runs if s in grpo}
             seconds = {}
             for s, r in runs.items():
                 if paired.get(s) is not None:
